@@ -1,0 +1,206 @@
+"""Denoisers x-hat = D(z, t). Every one is `forward(z, t)` with z [B, C, H, W] and t a scalar or [B].
+
+Exact: Empirical (optimal, Eq. 6-7), Gaussian, CFDM (smoothed optimal), PSPCSquare and PSPCFlex (Eq. 11);
+Network wraps any torch module called as net(z, t). Retrieval variants live in retrieval.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+from .geometry import MaskCrops, SquareCrops, flex_masks
+from .posterior import composite_mean, empirical_mean
+from .schedule import Schedule, default_schedule
+from .store import TrainingSet
+
+
+def as_t(t, batch: int) -> torch.Tensor:
+    """Validated noise levels as float64 [B]."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    t = t.expand(batch) if t.ndim == 0 else t.reshape(-1)
+    if t.numel() != batch:
+        raise UserError(f"{t.numel()} noise levels for a batch of {batch}")
+    if not torch.isfinite(t).all() or (t <= 0).any():
+        raise UserError(f"noise level t must be finite and > 0, got {t.min().item():g}")
+    return t
+
+
+class Denoiser:
+    """Base: validates z against the training image shape and t, then calls `denoise`."""
+
+    name = "denoiser"
+
+    def __init__(self, data: TrainingSet):
+        self.data = data
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def forward(self, z: torch.Tensor, t) -> torch.Tensor:
+        if z.ndim != 4 or tuple(z.shape[1:]) != self.shape:
+            raise UserError(f"z has shape {list(z.shape)}, expected [B, {', '.join(map(str, self.shape))}]")
+        if not torch.isfinite(z).all():
+            raise UserError("z contains NaN or Inf")
+        return self.denoise(z.to(self.device, torch.float32), as_t(t, z.shape[0]))
+
+    __call__ = forward
+
+    def denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Empirical(Denoiser):
+    """The optimal (empirical) denoiser: the posterior mean over the whole training set."""
+
+    name = "empirical"
+
+    def denoise(self, z, t):
+        return empirical_mean(z, t, self.data)
+
+
+class Gaussian(Denoiser):
+    """D_G = mu + U diag(S / (S + t^2)) U^T (z - mu), from the training set's mean and covariance
+    (population covariance, flips included when on); `rank` keeps the top components."""
+
+    name = "gaussian"
+
+    def __init__(self, data: TrainingSet, rank: int | None = None):
+        super().__init__(data)
+        d = data.shape[0] * data.shape[1] * data.shape[2]
+        total, outer = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for _, x in data.chunks(4096, torch.float64):
+            x = x.flatten(1).cpu()
+            total += x.sum(0)
+            outer += x.T @ x
+        self.mu = total / len(data)
+        cov = outer / len(data) - torch.outer(self.mu, self.mu)
+        s, u = torch.linalg.eigh(cov)
+        s, u = s.flip(0).clamp_min(0), u.flip(1)
+        if rank is not None:
+            s, u = s[:rank], u[:, :rank]
+        self.s, self.u = s, u
+
+    def denoise(self, z, t):
+        zf = z.flatten(1).cpu().to(torch.float64) - self.mu
+        shrink = self.s[None] / (self.s[None] + t[:, None] ** 2)
+        out = self.mu + ((zf @ self.u) * shrink) @ self.u.T
+        return out.reshape(z.shape).to(z)
+
+
+class CFDM(Denoiser):
+    """Smoothed closed-form denoiser (Scarvelis et al.): D(z, t) = E_eps[D*(z + sigma_s eps, t)], Monte
+    Carlo over M draws. The M perturbations are drawn once from `seed` and shared by every query, so a
+    sample's output does not depend on its batch. sigma_s is in data units ([-1, 1] pixels), fixed
+    over t: the smoothing acts where the posterior is sharp (small t) and vanishes where t >> sigma_s."""
+
+    name = "cfdm"
+
+    def __init__(self, data: TrainingSet, sigma_s: float = 0.1, m: int = 16, seed: int = 0):
+        super().__init__(data)
+        g = torch.Generator().manual_seed(seed)
+        self.eps = sigma_s * torch.randn(m, *data.shape, generator=g)
+
+    def denoise(self, z, t):
+        eps = self.eps.to(z.device)
+        zz = (z[:, None] + eps[None]).flatten(0, 1)
+        out = empirical_mean(zz, t.repeat_interleave(len(eps)), self.data)
+        return out.unflatten(0, (len(z), len(eps))).mean(1)
+
+
+class PSPCSquare(Denoiser):
+    """PSPC-Square: all valid s x s crops, s = `patch_size` or the schedule's s(t) at the nearest grid t.
+    s = H is exactly the optimal denoiser (one crop, the whole image)."""
+
+    name = "pspc-square"
+
+    def __init__(self, data: TrainingSet, patch_size: int | None = None, schedule: Schedule | None = None):
+        super().__init__(data)
+        self.fixed = patch_size
+        self.schedule = schedule or default_schedule(data.shape[1])
+        if patch_size is not None:
+            SquareCrops(*data.shape[1:], patch_size)  # validates the size now, not at the first call
+
+    def sizes(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, self.fixed, dtype=torch.long) if self.fixed else self.schedule.patch_size(t)
+
+    def denoise(self, z, t):
+        out = torch.empty_like(z)
+        h, w = self.data.shape[1:]
+        sizes = self.sizes(t)
+        for s in sizes.unique().tolist():
+            sel = (sizes == s).nonzero().flatten().to(z.device)
+            out[sel] = self.patch_mean(z[sel], t[sel.cpu()], int(s))
+        return out
+
+    def patch_mean(self, z, t, s):
+        h, w = self.data.shape[1:]
+        if s >= max(h, w):
+            return empirical_mean(z, t, self.data)
+        return composite_mean(z, t, self.data, SquareCrops(h, w, s))
+
+
+class PSPCFlex(Denoiser):
+    """PSPC-Flex: one crop per output pixel, the pixels holding a fraction lambda(t) of its gradient
+    heatmap (Eq. 12). `heatmaps` [L, H, W, H, W] at noise levels `heatmap_ts`; a query uses the heatmap
+    at the nearest heatmap t and lambda(t) from the schedule (lambda = 1 is the optimal denoiser)."""
+
+    name = "pspc-flex"
+
+    def __init__(self, data: TrainingSet, heatmaps: torch.Tensor, heatmap_ts: torch.Tensor,
+                 schedule: Schedule | None = None, lam: float | None = None):
+        super().__init__(data)
+        h, w = data.shape[1:]
+        if tuple(heatmaps.shape[1:]) != (h, w, h, w) or len(heatmaps) != len(heatmap_ts):
+            raise UserError(f"heatmaps of shape {list(heatmaps.shape)} do not fit {h}x{w} images")
+        self.heatmaps, self.heatmap_ts = heatmaps, torch.as_tensor(heatmap_ts, dtype=torch.float64)
+        self.schedule = schedule or default_schedule(h)
+        self.fixed_lam = lam
+        self._cache: dict[tuple[int, float], MaskCrops] = {}
+
+    def lams(self, t):
+        return torch.full_like(t, self.fixed_lam) if self.fixed_lam is not None else self.schedule.lam(t)
+
+    def crops(self, t: float, lam: float) -> MaskCrops:
+        j = int((self.heatmap_ts - t).abs().argmin())
+        if (j, lam) not in self._cache:
+            self._cache[(j, lam)] = MaskCrops(flex_masks(self.heatmaps[j], lam))
+        return self._cache[(j, lam)]
+
+    def denoise(self, z, t):
+        out = torch.empty_like(z)
+        lams = self.lams(t)
+        j = (self.heatmap_ts[None] - t[:, None]).abs().argmin(1)
+        for key in torch.stack([j.to(torch.float64), lams], 1).unique(dim=0):
+            sel = ((j == key[0]) & (lams == key[1])).nonzero().flatten()
+            lam, tj = float(key[1]), float(self.heatmap_ts[int(key[0])])
+            zs, ts = z[sel.to(z.device)], t[sel]
+            out[sel.to(z.device)] = (empirical_mean(zs, ts, self.data) if lam >= 1
+                                     else composite_mean(zs, ts, self.data, self.crops(tj, lam)))
+        return out
+
+
+class Network(Denoiser):
+    """Any torch module called as net(z, t) (EDM-preconditioned x-prediction) for images of `shape`."""
+
+    name = "network"
+
+    def __init__(self, net: torch.nn.Module, shape: tuple[int, int, int], data: TrainingSet | None = None):
+        super().__init__(data)
+        self.net, self._shape = net.eval(), tuple(shape)
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def device(self):
+        return next(self.net.parameters()).device
+
+    def denoise(self, z, t):
+        with torch.no_grad():
+            return self.net(z, t.to(z.device, torch.float32)).to(torch.float32)

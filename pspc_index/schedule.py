@@ -1,0 +1,102 @@
+"""Noise-level grid (Karras et al. 2022) and the PSPC schedules keyed to it.
+
+Schedules are lists aligned with the Karras grid, high t first, and are looked up at the grid point
+nearest to the query t (as the reference implementation does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+T_MAX, T_MIN, RHO = 80.0, 0.002, 7.0
+
+
+def karras_grid(n: int, t_max: float = T_MAX, t_min: float = T_MIN, rho: float = RHO) -> torch.Tensor:
+    """t_i = (t_max^(1/rho) + i/(n-1) (t_min^(1/rho) - t_max^(1/rho)))^rho, i = 0..n-1 (float64)."""
+    if n < 2:
+        raise UserError(f"the Karras grid needs at least 2 steps, got {n}")
+    i = torch.arange(n, dtype=torch.float64)
+    return (t_max ** (1 / rho) + i / (n - 1) * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+
+
+def _expand(spec: list[tuple[float, int]]) -> list[float]:
+    return [v for v, count in spec for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Patch sizes s(t) and flex thresholds lambda(t) on an n-step Karras grid."""
+
+    name: str
+    resolution: int
+    patch_sizes: tuple[int, ...]
+    lambdas: tuple[float, ...]
+
+    @property
+    def steps(self) -> int:
+        return len(self.patch_sizes)
+
+    @property
+    def grid(self) -> torch.Tensor:
+        return karras_grid(self.steps)
+
+    def index(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Index of the nearest grid t for each t (argmin |t_grid - t|)."""
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        return (self.grid.reshape(1, -1) - t).abs().argmin(dim=1)
+
+    def patch_size(self, t) -> torch.Tensor:
+        return torch.tensor(self.patch_sizes)[self.index(t)]
+
+    def lam(self, t) -> torch.Tensor:
+        return torch.tensor(self.lambdas, dtype=torch.float64)[self.index(t)]
+
+    def sizes_below_full(self) -> list[int]:
+        """The square sizes an index must cover (full size is the empirical denoiser)."""
+        return sorted({s for s in self.patch_sizes if s < self.resolution})
+
+
+# Niedoba et al. (2025), reference code constants, 18-step grid.
+CIFAR10 = Schedule(
+    "cifar10", 32,
+    tuple(int(v) for v in _expand([(32, 7), (23, 1), (15, 1), (11, 1), (7, 1), (5, 1), (3, 6)])),
+    tuple(_expand([(1.0, 7), (0.7, 2), (0.5, 1), (0.4, 4), (0.3, 4)])),
+)
+
+# Fashion-MNIST 28x28, derived from the CIFAR-10 schedule: each s scaled by 28/32 and rounded to the
+# nearest odd size (23 -> 20.1 -> 21, 15 -> 13.1 -> 13, 11 -> 9.6 -> 9, 7 -> 6.1 -> 7, 5 -> 4.4 -> 5,
+# 3 -> 2.6 -> 3), full size kept at the same 7 high-t steps; lambda is a mass fraction, so it is kept.
+FASHION_MNIST = Schedule(
+    "fashion-mnist", 28,
+    tuple(int(v) for v in _expand([(28, 7), (21, 1), (13, 1), (9, 1), (7, 1), (5, 1), (3, 6)])),
+    CIFAR10.lambdas,
+)
+
+SCHEDULES = {s.name: s for s in (CIFAR10, FASHION_MNIST)}
+
+
+def default_schedule(resolution: int) -> Schedule:
+    """The bundled schedule for this resolution, else CIFAR-10's scaled the same way as Fashion-MNIST's."""
+    for s in SCHEDULES.values():
+        if s.resolution == resolution:
+            return s
+    scaled = []
+    for s in CIFAR10.patch_sizes:
+        v = resolution if s == 32 else max(1, int(round((s * resolution / 32 - 1) / 2)) * 2 + 1)
+        scaled.append(min(v, resolution))
+    return Schedule(f"scaled-{resolution}", resolution, tuple(scaled), CIFAR10.lambdas)
+
+
+def get_schedule(name: str | None, resolution: int) -> Schedule:
+    if name is None:
+        return default_schedule(resolution)
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    sched = SCHEDULES[name]
+    if sched.resolution != resolution:
+        raise UserError(f"schedule {name!r} is for {sched.resolution}x{sched.resolution} images, "
+                        f"the store holds {resolution}x{resolution}")
+    return sched

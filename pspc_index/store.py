@@ -1,0 +1,196 @@
+"""Image store: one zarr v3 uint8 array [N, C, H, W] on disk, and the training set view used in compute.
+
+The store is the single copy of training pixels. Horizontal flips are a view over it (virtual index
+i >= N is the flip of image i - N), never a second copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def content_hash(images: np.ndarray) -> str:
+    """sha256 over shape and pixels: identifies the data an index or result was built from."""
+    h = hashlib.sha256(json.dumps(list(images.shape)).encode())
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    for start in range(0, len(flat), 8192):
+        h.update(flat[start:start + 8192].tobytes())
+    return h.hexdigest()
+
+
+def atomic_dir(final: Path) -> Path:
+    """A sibling temporary directory to build into; `commit_dir` renames it into place."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by the finished `tmp` (readers see the old or the new, never a half)."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def write_store(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
+                source: str = "", extra: dict | None = None) -> "ImageStore":
+    """Write images (uint8 [N, C, H, W]) as a zarr v3 store, atomically."""
+    import zarr
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"{path}: images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+    if len(images) == 0:
+        raise UserError(f"{path}: no images to store")
+    if images.shape[1] not in (1, 3):
+        raise UserError(f"{path}: expected 1 or 3 channels, got {images.shape[1]}")
+    path = Path(path)
+    tmp = atomic_dir(path)
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        n, c, h, w = images.shape
+        arr = root.create_array("images", shape=images.shape, dtype="uint8",
+                                chunks=(min(n, max(1, 2**20 // (c * h * w))), c, h, w))
+        arr[...] = images
+        meta = {"format": "pspc-index-store", "format_version": FORMAT_VERSION, "source": source,
+                "shape": list(images.shape), "sha256": content_hash(images),
+                "has_labels": labels is not None, **(extra or {})}
+        if labels is not None:
+            labels = np.asarray(labels).astype(np.int64)
+            if labels.shape != (n,):
+                raise UserError(f"{path}: {len(labels)} labels for {n} images")
+            root.create_array("labels", shape=labels.shape, dtype="int64", chunks=(n,))[...] = labels
+        root.attrs.update(meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, path)
+    return ImageStore.open(path)
+
+
+@dataclass
+class ImageStore:
+    """An opened store: uint8 images [N, C, H, W] (loaded into memory), labels, metadata."""
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray | None
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ImageStore":
+        import zarr
+
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: store not found")
+        try:
+            root = zarr.open_group(str(path), mode="r")
+            meta = dict(root.attrs)
+            images = np.asarray(root["images"][...])
+            labels = np.asarray(root["labels"][...]) if "labels" in root else None
+        except UserError:
+            raise
+        except Exception as e:  # zarr raises many types for damaged stores
+            raise UserError(f"{path}: not a readable pspc-index store ({type(e).__name__}: {e})") from None
+        if meta.get("format") != "pspc-index-store":
+            raise UserError(f"{path}: not a pspc-index store (no store metadata)")
+        return cls(path=path, images=images, labels=labels, meta=meta)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.images.shape)
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["sha256"]
+
+    def training_set(self, xflip: bool = True, device: str | torch.device = "cpu") -> "TrainingSet":
+        return TrainingSet(torch.from_numpy(self.images).to(device), xflip=xflip)
+
+
+def to_float(u8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1] (EDM convention)."""
+    return u8.to(dtype) / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 pixels (for pictures)."""
+    x = torch.as_tensor(x)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+class TrainingSet:
+    """The data set D of the paper: N stored images plus, with xflip, their mirror images (2N).
+
+    Virtual index i < N is stored image i; i >= N is the horizontal flip of image i - N.
+    """
+
+    def __init__(self, images_u8: torch.Tensor, xflip: bool = True):
+        if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
+            raise UserError("training images must be uint8 [N, C, H, W]")
+        self.images = images_u8
+        self.xflip = xflip
+        self.n_stored = images_u8.shape[0]
+
+    def __len__(self) -> int:
+        return self.n_stored * (2 if self.xflip else 1)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device) -> "TrainingSet":
+        return TrainingSet(self.images.to(device), self.xflip)
+
+    def subset(self, keep: torch.Tensor | np.ndarray) -> "TrainingSet":
+        """The training set with only the stored images `keep` (flips follow their originals)."""
+        keep = torch.as_tensor(np.asarray(keep), dtype=torch.long, device=self.device)
+        return TrainingSet(self.images[keep], self.xflip)
+
+    def u8(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images at virtual indices idx (any shape) -> [*idx.shape, C, H, W]."""
+        idx = torch.as_tensor(idx, device=self.device)
+        flat = idx.reshape(-1)
+        stored = flat % self.n_stored
+        out = self.images[stored]
+        flip = flat >= self.n_stored
+        if flip.any():
+            out[flip] = out[flip].flip(-1)
+        return out.reshape(*idx.shape, *self.shape)
+
+    def get(self, idx: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Images at virtual indices idx in [-1, 1]."""
+        return to_float(self.u8(idx), dtype)
+
+    def chunks(self, size: int, dtype=torch.float32):
+        """Yield (start, x) over the whole virtual set in order; x is float [n, C, H, W]."""
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            yield start, self.get(torch.arange(start, stop, device=self.device), dtype)
+
+    def describe(self, idx: int) -> tuple[int, bool]:
+        """Virtual index -> (store index, flipped)."""
+        return int(idx) % self.n_stored, int(idx) >= self.n_stored
