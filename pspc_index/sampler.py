@@ -1,6 +1,7 @@
 """Deterministic PF-ODE samplers on the Karras grid (EDM conventions: dz/dt = (z - D(z, t)) / t)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,15 +61,18 @@ def pf_ode_sample(denoiser, z: torch.Tensor, steps: int = 18, solver: str = "eul
 
 
 def sample(denoiser, n: int, seed: int, steps: int = 18, solver: str = "euler", batch: int = 64,
-           record: bool = False, first: int = 0):
+           record: bool = False, first: int = 0, progress: bool = False):
     """Draw samples first..first+n-1 of the run seeded `seed`, `batch` at a time."""
-    if n <= 0 or batch <= 0:
-        raise UserError(f"need n > 0 and batch > 0, got n={n}, batch={batch}")
+    from tqdm import tqdm
+
+    if n <= 0 or batch <= 0 or steps < 2:
+        raise UserError(f"need n > 0, batch > 0 and steps >= 2, got n={n}, batch={batch}, steps={steps}")
     outs, trajs = [], []
+    bar = tqdm(total=n * steps, unit="img-step", disable=not progress, file=sys.stderr)
     for start in range(first, first + n, batch):
         idx = range(start, min(start + batch, first + n))
         z = initial_noise(seed, idx, denoiser.shape)
-        res = pf_ode_sample(denoiser, z, steps, solver, record)
+        res = pf_ode_sample(denoiser, z, steps, solver, record, progress=lambda i, s: bar.update(len(idx)))
         outs.append(res[0] if record else res)
         if record:
             trajs.append(res[1])

@@ -1,0 +1,295 @@
+"""`pspc-index`: a thin command-line shell over the API. Bad input -> one line on stderr, exit 2."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DENOISERS = ("empirical", "gaussian", "cfdm", "pspc-square", "pspc-flex", "network")
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_NETWORK = REPO_DATA / "network" / "fmnist-unet"
+DEFAULT_HEATMAPS = REPO_DATA / "heatmaps" / "fmnist-unet.zarr"
+
+
+def fail(msg: str) -> None:
+    click.echo(f"pspc-index: error: {msg}", err=True)
+    sys.exit(2)
+
+
+def user_errors(f):
+    """Turn UserError (and unreadable files) into one line and exit 2, never a traceback."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except UserError as e:
+            fail(str(e).splitlines()[0] if str(e) else "bad input")
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            fail(f"{e.filename}: {e.strerror}")
+    return wrapper
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write a .npy atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_z(path: str, shape) -> torch.Tensor:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npy array ({type(e).__name__})") from None
+    if z.dtype.kind != "f":
+        raise UserError(f"{path}: z must be a float array, got {z.dtype}")
+    if z.ndim != 4 or tuple(z.shape[1:]) != tuple(shape):
+        raise UserError(f"{path}: z has shape {list(z.shape)}, the store's images are [B, {', '.join(map(str, shape))}]")
+    if not np.isfinite(z).all():
+        raise UserError(f"{path}: z contains NaN or Inf")
+    return torch.from_numpy(z.astype(np.float32))
+
+
+# options shared by the commands that take them: one definition per concept
+store_opt = click.option("--store", "store_path", required=True, type=click.Path(), help="Image store (.zarr).")
+xflip_opt = click.option("--xflip/--no-xflip", default=True, show_default=True,
+                         help="Add horizontally flipped training images (a view, as the paper's code).")
+denoiser_opt = click.option("--denoiser", type=click.Choice(DENOISERS), default="pspc-square", show_default=True)
+patch_opt = click.option("--patch-size", type=int, default=None, help="Fixed square patch size (else the schedule).")
+schedule_opt = click.option("--schedule", default=None, help="Schedule name (default: by resolution).")
+network_opt = click.option("--network", "network_path", type=click.Path(), default=None,
+                           help="Network weights stem (default: the shipped Fashion-MNIST U-Net).")
+heatmaps_opt = click.option("--heatmaps", "heatmaps_path", type=click.Path(), default=None,
+                            help="Heatmaps .zarr for pspc-flex (default: the shipped ones).")
+device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+
+
+def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
+                   heatmaps_path=None, device="cpu"):
+    """Open the store and make the named denoiser (the API the CLI shells over)."""
+    from . import denoisers as dn
+    from .schedule import get_schedule
+    from .store import ImageStore
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine")
+    store = ImageStore.open(store_path)
+    data = store.training_set(xflip=xflip, device=device)
+    sched = get_schedule(schedule, store.shape[2])
+    if denoiser == "empirical":
+        return dn.Empirical(data)
+    if denoiser == "gaussian":
+        return dn.Gaussian(data)
+    if denoiser == "cfdm":
+        return dn.CFDM(data)
+    if denoiser == "pspc-square":
+        return dn.PSPCSquare(data, patch_size=patch_size, schedule=sched)
+    if denoiser == "pspc-flex":
+        from .sensitivity import read_heatmaps
+        maps, ts, _ = read_heatmaps(heatmaps_path or DEFAULT_HEATMAPS)
+        return dn.PSPCFlex(data, maps, ts, schedule=sched)
+    from .network import load_network
+    net = load_network(network_path or DEFAULT_NETWORK, device=device)
+    return dn.Network(net, store.shape[1:], data)
+
+
+@click.group()
+@click.version_option(package_name="pspc-index")
+def cli():
+    """Training-free patch posterior composite (PSPC) denoisers: exact and retrieval-based."""
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("out", type=click.Path())
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Layout of a .npy/.npz source.")
+@user_errors
+def ingest(src, out, layout):
+    """Write SRC (image folder, EDM zip, .npy/.npz, CIFAR-10 tar, IDX .gz, or `fashion-mnist`) as a store."""
+    from .ingest import ingest as run
+
+    store = run(src, out, layout=layout)
+    click.echo(f"wrote {out}: {store.shape[0]} images of {store.shape[1]}x{store.shape[2]}x{store.shape[3]}"
+               f" (sha256 {store.sha256[:12]})")
+
+
+@cli.command()
+@click.argument("store_path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def info(store_path, as_json):
+    """What a store holds."""
+    from .schedule import default_schedule
+    from .store import ImageStore
+
+    store = ImageStore.open(store_path)
+    n, c, h, w = store.shape
+    rep = {"path": str(store_path), "images": n, "channels": c, "height": h, "width": w,
+           "with_flips": 2 * n, "labels": store.labels is not None, "source": store.meta.get("source", ""),
+           "sha256": store.sha256, "bytes": int(store.images.nbytes),
+           "default_schedule": default_schedule(h).name}
+    if store.labels is not None:
+        rep["classes"] = int(len(np.unique(store.labels)))
+    click.echo(json.dumps(rep, indent=1) if as_json else "\n".join(f"{k}: {v}" for k, v in rep.items()))
+
+
+@cli.command()
+@store_opt
+@click.option("--z", "z_path", type=click.Path(), default=None, help="Noisy inputs, float32 [B, C, H, W] .npy.")
+@click.option("--t", "t", type=float, required=True, help="Noise level (EDM sigma).")
+@click.option("--n", "n", type=int, default=16, show_default=True,
+              help="Without --z: draw this many forward-process z = x + t eps from the store.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", type=click.Path(), required=True, help="Output .npy.")
+@denoiser_opt
+@patch_opt
+@schedule_opt
+@xflip_opt
+@network_opt
+@heatmaps_opt
+@device_opt
+@user_errors
+def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule, xflip, network_path,
+            heatmaps_path, device):
+    """Denoise z at noise level t and write D(z, t) as .npy."""
+    if not np.isfinite(t) or t <= 0:
+        raise UserError(f"--t must be finite and > 0, got {t}")
+    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device)
+    if z_path is not None:
+        z = load_z(z_path, den.shape)
+    else:
+        from .store import ImageStore
+        data = ImageStore.open(store_path).training_set(xflip)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, len(data), (n,), generator=g)
+        z = data.get(idx) + t * torch.randn(n, *data.shape, generator=g)
+    x = den(z, t).cpu().numpy().astype(np.float32)
+    save_npy(out, x)
+    click.echo(f"wrote {out}: {list(x.shape)} ({denoiser}, t={t:g})")
+
+
+def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> None:
+    """PNG grid of images in [-1, 1]."""
+    from PIL import Image
+    from .store import to_uint8
+
+    u8 = to_uint8(x)
+    n, c, h, w = u8.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    grid = np.zeros((c, nrow * (h + 2) + 2, ncol * (w + 2) + 2), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = u8[i]
+    img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
+    scale = max(1, 256 // (w + 2) // max(1, ncol // 4))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+@cli.command()
+@store_opt
+@click.option("--n", "n", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", type=click.Path(), required=True, help="Samples: .npy or .zarr.")
+@click.option("--steps", type=int, default=18, show_default=True)
+@click.option("--sampler", "solver", type=click.Choice(["euler", "heun"]), default="euler", show_default=True)
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--record", is_flag=True, help="Also keep the trajectory (z and D at every step).")
+@denoiser_opt
+@patch_opt
+@schedule_opt
+@xflip_opt
+@network_opt
+@heatmaps_opt
+@device_opt
+@user_errors
+def sample(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule, xflip,
+           network_path, heatmaps_path, device):
+    """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
+    from .sampler import sample as run
+
+    if not str(out).endswith((".npy", ".zarr")):
+        raise UserError(f"--out {out}: use a .npy or .zarr path")
+    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device)
+    res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record)
+    x = res[0] if record else res
+    write_samples(out, x, res[1] if record else None,
+                  {"seed": seed, "steps": steps, "sampler": solver, "denoiser": denoiser, "xflip": xflip})
+    png = Path(str(out).rsplit(".", 1)[0] + ".png")
+    write_grid(png, x)
+    click.echo(f"wrote {out} ({n} samples) and {png}")
+
+
+def write_samples(out, x: torch.Tensor, traj, meta: dict) -> None:
+    """Samples as .npy (trajectory beside it as <stem>.trajectory.npz) or as a zarr group."""
+    x = x.cpu().numpy().astype(np.float32)
+    if str(out).endswith(".npy"):
+        save_npy(out, x)
+        if traj is not None:
+            stem = str(out)[:-4]
+            tmp = f"{stem}.trajectory.tmp.npz"
+            np.savez(tmp, ts=traj.ts.numpy(), z=traj.z.numpy(), denoised=traj.denoised.numpy())
+            os.replace(tmp, f"{stem}.trajectory.npz")
+        return
+    import zarr
+    from .store import atomic_dir, commit_dir
+    tmp = atomic_dir(Path(out))
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    root.create_array("samples", data=x)
+    if traj is not None:
+        root.create_array("ts", data=traj.ts.numpy())
+        root.create_array("z", data=traj.z.numpy())
+        root.create_array("denoised", data=traj.denoised.numpy())
+    root.attrs.update(meta)
+    commit_dir(tmp, Path(out))
+
+
+@cli.command()
+@click.option("--out-dir", type=click.Path(), default="pspc-demo", show_default=True)
+@click.option("--n", "n", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def demo(out_dir, n, seed):
+    """Ingest the bundled Fashion-MNIST, draw N PSPC-Square samples, write a PNG grid."""
+    from .denoisers import PSPCSquare
+    from .ingest import ingest as run_ingest
+    from .sampler import sample as run
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store_path = out / "fashion-mnist.zarr"
+    if not store_path.exists():
+        click.echo("ingesting the bundled Fashion-MNIST training set ...")
+        run_ingest("fashion-mnist", str(store_path))
+    from .store import ImageStore
+    den = PSPCSquare(ImageStore.open(store_path).training_set())
+    click.echo(f"drawing {n} PSPC-Square samples (18 Euler steps, exact engine, 120,000 images with flips) ...")
+    x = run(den, n, seed, progress=True)
+    save_npy(out / "samples.npy", x.numpy())
+    write_grid(out / "samples.png", x)
+    click.echo(f"samples: {out / 'samples.png'}")
+
+
+def main():
+    cli(prog_name="pspc-index")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,547 @@
+"""Exact denoisers against deliberately naive float64 loop implementations (DESIGN.md section 1).
+
+Small seeded data: N = 12 stored images (24 with flips), colour 3x7x6 and grayscale 1x5x5 (odd,
+non-square sizes). Every comparison is max abs difference <= 1e-4.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pspc_index.denoisers import CFDM, Empirical, Gaussian, PSPCFlex, PSPCSquare
+from pspc_index.errors import UserError
+from pspc_index.geometry import MaskCrops, SquareCrops, flex_masks
+from pspc_index.posterior import OnlineSoftmax, composite_mean, empirical_mean
+from pspc_index.store import TrainingSet
+
+TS = [0.002, 0.02, 0.3, 3.0, 80.0]
+TOL = 1e-4
+SHAPES = {"rgb": (3, 7, 6), "gray": (1, 5, 5)}
+N = 12
+B = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# data and queries
+# ----------------------------------------------------------------------------------------------
+
+def make_u8(shape, seed=0, n=N):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, size=(n, *shape), dtype=np.uint8))
+
+
+_DATA = {}
+
+
+def data_for(kind, xflip=True):
+    key = (kind, xflip)
+    if key not in _DATA:
+        _DATA[key] = TrainingSet(make_u8(SHAPES[kind], seed=1 if kind == "rgb" else 2), xflip=xflip)
+    return _DATA[key]
+
+
+def all_images(data):
+    """The whole virtual set as float64 numpy [M, C, H, W] (flips built here by hand, not by the view)."""
+    x = data.images.numpy().astype(np.float64) / 127.5 - 1
+    if data.xflip:
+        x = np.concatenate([x, x[..., ::-1]], 0)
+    return np.ascontiguousarray(x)
+
+
+def queries(data, t, mode, seed=0, b=B):
+    """float32 z [b, C, H, W]: forward process x + t eps (sources returned too) or pure random."""
+    g = torch.Generator().manual_seed(seed + int(1000 * t))
+    shape = data.shape
+    if mode == "forward":
+        src = torch.randint(0, len(data), (b,), generator=g)
+        x = data.get(src, torch.float64)
+        z = x + t * torch.randn(b, *shape, generator=g, dtype=torch.float64)
+        return z.float(), src
+    z = torch.randn(b, *shape, generator=g, dtype=torch.float64) * math.sqrt(1 + t * t)
+    return z.float(), None
+
+
+# ----------------------------------------------------------------------------------------------
+# naive references (float64, loops)
+# ----------------------------------------------------------------------------------------------
+
+def naive_softmax_mean(logits, values):
+    m = max(logits)
+    w = np.array([math.exp(l - m) for l in logits])
+    w /= w.sum()
+    return np.tensordot(w, values, axes=1)
+
+
+def naive_empirical(z, t, X):
+    """Per query, per image distance loop; softmax in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (len(z),))
+    out = np.zeros_like(z)
+    for b in range(len(z)):
+        logits = []
+        for i in range(len(X)):
+            d = float(((z[b] - X[i]) ** 2).sum())
+            logits.append(-d / (2 * t[b] ** 2))
+        out[b] = naive_softmax_mean(logits, X)
+    return out
+
+
+def naive_mask_composite(z, t, X, masks):
+    """Eq. 11 for arbitrary boolean masks [K, H, W]: patch posterior means accumulated, divided by count."""
+    z = np.asarray(z, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (len(z),))
+    out = np.zeros_like(z)
+    for b in range(len(z)):
+        acc = np.zeros(z.shape[1:])
+        cnt = np.zeros(z.shape[2:])
+        for m in masks:
+            zp = z[b][:, m]                      # [C, |m|]
+            xp = X[:, :, m]                      # [M, C, |m|]
+            logits = [-float(((zp - xp[i]) ** 2).sum()) / (2 * t[b] ** 2) for i in range(len(X))]
+            mean = naive_softmax_mean(logits, xp)
+            acc[:, m] += mean
+            cnt[m] += 1
+        assert (cnt > 0).all()
+        out[b] = acc / cnt
+    return out
+
+
+def naive_square(z, t, X, s):
+    """PSPC-Square: every valid s x s position, patch posterior mean, accumulate + count (Eq. 11)."""
+    z = np.asarray(z, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (len(z),))
+    _, _, h, w = z.shape
+    out = np.zeros_like(z)
+    for b in range(len(z)):
+        acc = np.zeros(z.shape[1:])
+        cnt = np.zeros((h, w))
+        for y in range(h - s + 1):
+            for x in range(w - s + 1):
+                zp = z[b, :, y:y + s, x:x + s]
+                xp = X[:, :, y:y + s, x:x + s]
+                logits = [-float(((zp - xp[i]) ** 2).sum()) / (2 * t[b] ** 2) for i in range(len(X))]
+                acc[:, y:y + s, x:x + s] += naive_softmax_mean(logits, xp)
+                cnt[y:y + s, x:x + s] += 1
+        out[b] = acc / cnt
+    return out
+
+
+def naive_gaussian(z, t, X):
+    z = np.asarray(z, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (len(z),))
+    flat = X.reshape(len(X), -1)
+    mu = flat.mean(0)
+    cov = np.cov(flat, rowvar=False, bias=True)
+    d = len(mu)
+    out = np.zeros((len(z), d))
+    for b in range(len(z)):
+        out[b] = mu + cov @ np.linalg.solve(cov + t[b] ** 2 * np.eye(d), z[b].reshape(-1) - mu)
+    return out.reshape(z.shape)
+
+
+def naive_flex_masks(heat, lam):
+    h, w = heat.shape[:2]
+    out = np.zeros((h * w, h, w), dtype=bool)
+    g = heat.reshape(h * w, h * w).astype(np.float64)
+    for p in range(h * w):
+        share = g[p] / g[p].sum()
+        order = np.argsort(share, kind="stable")
+        cum = 0.0
+        for q in order:
+            cum += share[q]
+            if cum >= 1 - lam - 1e-12:
+                out[p].flat[q] = True
+    return out
+
+
+def maxdiff(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def random_heatmap(h, w, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(h, w, h, w, generator=g, dtype=torch.float64) + 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Empirical, Gaussian, CFDM
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("mode", ["forward", "random"])
+def test_empirical_matches_naive(kind, mode):
+    data = data_for(kind)
+    X = all_images(data)
+    den = Empirical(data)
+    for t in TS:
+        z, _ = queries(data, t, mode)
+        got = den(z, t)
+        assert got.shape == z.shape
+        want = naive_empirical(z.double().numpy(), t, X)
+        assert maxdiff(got, want) <= TOL, (kind, mode, t, maxdiff(got, want))
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("mode", ["forward", "random"])
+def test_gaussian_matches_naive(kind, mode):
+    data = data_for(kind)
+    X = all_images(data)
+    den = Gaussian(data)
+    for t in TS:
+        z, _ = queries(data, t, mode)
+        want = naive_gaussian(z.double().numpy(), t, X)
+        assert maxdiff(den(z, t), want) <= TOL, (kind, mode, t)
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("mode", ["forward", "random"])
+def test_cfdm_is_mean_of_empirical_over_eps(kind, mode):
+    data = data_for(kind)
+    X = all_images(data)
+    den = CFDM(data, sigma_s=0.1, m=4, seed=5)
+    eps = den.eps
+    assert eps.shape == (4, *data.shape)
+    for t in TS:
+        z, _ = queries(data, t, mode)
+        # the perturbed queries exactly as float32 (z + eps), then the naive posterior in float64
+        zz = (z[:, None] + eps[None]).double().numpy()
+        want = np.stack([naive_empirical(zz[:, k], t, X) for k in range(len(eps))], 1).mean(1)
+        assert maxdiff(den(z, t), want) <= TOL, (kind, mode, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# PSPC-Square
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,mode", [("rgb", "forward"), ("rgb", "random"), ("gray", "forward"),
+                                       pytest.param("gray", "random", marks=pytest.mark.xfail(strict=True, reason=COMPOSITE_F32_BUG))])
+def test_square_matches_naive_every_size(kind, mode):
+    data = data_for(kind)
+    X = all_images(data)
+    c, h, w = data.shape
+    fails = []
+    for s in range(1, min(h, w) + 1):
+        den = PSPCSquare(data, patch_size=s)
+        for t in TS:
+            z, _ = queries(data, t, mode, seed=s)
+            got = den(z, t)
+            want = naive_square(z.double().numpy(), t, X, s)
+            if not maxdiff(got, want) <= TOL:
+                fails.append((s, t, maxdiff(got, want)))
+    assert not fails, (kind, mode, fails)
+
+
+def test_square_size_above_min_side_is_rejected():
+    data = data_for("rgb")  # 7 x 6: no 7 x 7 crop fits
+    with pytest.raises(UserError):
+        PSPCSquare(data, patch_size=7)
+    with pytest.raises(UserError):
+        PSPCSquare(data, patch_size=0)
+
+
+def test_square_full_size_equals_empirical():
+    data = data_for("gray")  # 5 x 5
+    X = all_images(data)
+    emp = Empirical(data)
+    full = PSPCSquare(data, patch_size=5)
+    for t in TS:
+        for mode in ("forward", "random"):
+            z, _ = queries(data, t, mode)
+            a, b = full(z, t), emp(z, t)
+            assert maxdiff(a, b) <= TOL
+            # the generic composite path with its one 5 x 5 crop gives the same
+            comp = composite_mean(z, torch.full((B,), t, dtype=torch.float64), data, SquareCrops(5, 5, 5))
+            assert maxdiff(comp, naive_empirical(z.double().numpy(), t, X)) <= TOL, (t, mode)
+
+
+def test_square_crops_operators():
+    crops = SquareCrops(7, 6, 3)
+    masks = crops.masks()
+    assert len(crops) == 5 * 4 == len(masks)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 7, 6, generator=g, dtype=torch.float64)
+    wk = torch.rand(2, len(crops), generator=g, dtype=torch.float64)
+    mf = masks.flatten(1).double()
+    assert torch.allclose(crops.crop_sums(v), v.flatten(1) @ mf.T)
+    assert torch.allclose(crops.uncrop(wk).flatten(1), wk @ mf)
+    assert torch.allclose(crops.coverage, mf.sum(0).reshape(7, 6))
+
+
+def test_square_schedule_picks_nearest_grid_t():
+    data = data_for("gray")
+    X = all_images(data)
+    den = PSPCSquare(data)
+    sched = den.schedule
+    grid = sched.grid.tolist()
+    assert len(grid) == len(sched.patch_sizes)
+    # on the grid, just off it, and at points between grid neighbours (nearest by |t - t_i|)
+    probe = []
+    for i, tg in enumerate(grid):
+        probe += [tg, tg * 1.001, tg * 0.999]
+        if i + 1 < len(grid):
+            nxt = grid[i + 1]
+            probe += [tg - 0.3 * (tg - nxt), tg - 0.7 * (tg - nxt)]
+    probe += [200.0, 1e-4]
+    tt = torch.tensor(probe, dtype=torch.float64)
+    want = [sched.patch_sizes[min(range(len(grid)), key=lambda k: abs(grid[k] - p))] for p in probe]
+    assert den.sizes(tt).tolist() == want
+    # the output with the schedule equals the naive square at the chosen size (mixed t in one batch)
+    picks = [grid[0], grid[8], grid[9], grid[-1] * 1.1]
+    g = torch.Generator().manual_seed(9)
+    z = (data.get(torch.tensor([0, 5, 13, 20]), torch.float64)
+         + torch.tensor(picks, dtype=torch.float64)[:, None, None, None]
+         * torch.randn(4, *data.shape, generator=g, dtype=torch.float64)).float()
+    got = den(z, torch.tensor(picks))
+    sizes = den.sizes(torch.tensor(picks, dtype=torch.float64)).tolist()
+    for b, (t, s) in enumerate(zip(picks, sizes)):
+        want_b = naive_square(z[b:b + 1].double().numpy(), t, X, int(s))
+        assert maxdiff(got[b:b + 1], want_b) <= TOL, (t, s)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks / PSPC-Flex
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("lam", [0.3, 0.6])
+def test_flex_matches_naive_mask_composite(kind, lam):
+    data = data_for(kind)
+    X = all_images(data)
+    _, h, w = data.shape
+    heat = random_heatmap(h, w)
+    masks = flex_masks(heat, lam)
+    assert masks.shape == (h * w, h, w)
+    assert np.array_equal(masks.numpy(), naive_flex_masks(heat.numpy(), lam))
+    # each crop holds its own pixel's mass >= lam
+    g = heat.reshape(h * w, h * w)
+    share = (g * masks.reshape(h * w, -1)).sum(1) / g.sum(1)
+    assert (share >= lam - 1e-9).all()
+    den = PSPCFlex(data, heat[None], torch.tensor([1.0]), lam=lam)
+    for t in TS:
+        for mode in ("forward", "random"):
+            z, _ = queries(data, t, mode, seed=7)
+            got = den(z, t)
+            want = naive_mask_composite(z.double().numpy(), t, X, masks.numpy())
+            assert maxdiff(got, want) <= TOL, (kind, lam, t, mode, maxdiff(got, want))
+
+
+def test_arbitrary_masks_composite_matches_naive():
+    data = data_for("rgb")
+    X = all_images(data)
+    _, h, w = data.shape
+    g = torch.Generator().manual_seed(11)
+    masks = torch.rand(9, h, w, generator=g) < 0.3
+    masks[0] |= ~masks.any(0)  # cover every pixel
+    crops = MaskCrops(masks)
+    for t in TS:
+        z, _ = queries(data, t, "random", seed=4)
+        got = composite_mean(z, torch.full((B,), t, dtype=torch.float64), data, crops)
+        want = naive_mask_composite(z.double().numpy(), t, X, masks.numpy())
+        assert maxdiff(got, want) <= TOL, (t, maxdiff(got, want))
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_flex_lambda_one_equals_empirical(kind):
+    data = data_for(kind)
+    _, h, w = data.shape
+    heat = random_heatmap(h, w)
+    assert flex_masks(heat, 1.0).all()
+    den = PSPCFlex(data, heat[None], torch.tensor([1.0]), lam=1.0)
+    emp = Empirical(data)
+    crops = MaskCrops(flex_masks(heat, 1.0))
+    for t in TS:
+        z, _ = queries(data, t, "random")
+        assert maxdiff(den(z, t), emp(z, t)) <= TOL
+        # also through the generic composite with the all-pixel masks
+        comp = composite_mean(z, torch.full((B,), t, dtype=torch.float64), data, crops)
+        assert maxdiff(comp, emp(z, t)) <= TOL, t
+
+
+def test_flex_schedule_and_heatmap_lookup():
+    """lambda(t) from the schedule and the heatmap at the nearest heatmap t, per sample."""
+    data = data_for("gray")
+    X = all_images(data)
+    _, h, w = data.shape
+    heats = torch.stack([random_heatmap(h, w, seed=s) for s in (20, 21)])
+    hts = torch.tensor([0.01, 1.0])
+    den = PSPCFlex(data, heats, hts)
+    sched = den.schedule
+    grid = sched.grid
+    ts = [float(grid[0]), float(grid[7]), float(grid[10]), float(grid[-1]), 0.5, 5.0]
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(len(ts), *data.shape, generator=g)
+    got = den(z, torch.tensor(ts))
+    for b, t in enumerate(ts):
+        lam = float(sched.lam(t)[0])
+        j = int((hts - t).abs().argmin())
+        if lam >= 1:
+            want = naive_empirical(z[b:b + 1].double().numpy(), t, X)
+        else:
+            want = naive_mask_composite(z[b:b + 1].double().numpy(), t, X, flex_masks(heats[j], lam).numpy())
+        assert maxdiff(got[b:b + 1], want) <= TOL, (t, lam, j)
+
+
+def test_uncovered_pixel_raises():
+    masks = torch.ones(3, 4, 5, dtype=torch.bool)
+    masks[:, 2, 3] = False
+    with pytest.raises(UserError):
+        MaskCrops(masks)
+    with pytest.raises(UserError):
+        MaskCrops(torch.ones(4, 5, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-sample t, limits, data set
+# ----------------------------------------------------------------------------------------------
+
+def _all_denoisers(data):
+    _, h, w = data.shape
+    heat = random_heatmap(h, w)
+    return {
+        "empirical": Empirical(data),
+        "gaussian": Gaussian(data),
+        "cfdm": CFDM(data, m=3, seed=1),
+        "square2": PSPCSquare(data, patch_size=2),
+        "square-sched": PSPCSquare(data),
+        "flex0.3": PSPCFlex(data, heat[None], torch.tensor([1.0]), lam=0.3),
+        "flex-sched": PSPCFlex(data, heat[None], torch.tensor([1.0])),
+    }
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_mixed_t_batch_equals_one_at_a_time(kind):
+    data = data_for(kind)
+    ts = torch.tensor([80.0, 0.002, 3.0, 0.02, 0.3, 3.0, 0.5])
+    g = torch.Generator().manual_seed(8)
+    src = torch.randint(0, len(data), (len(ts),), generator=g)
+    z = (data.get(src) + ts[:, None, None, None] * torch.randn(len(ts), *data.shape, generator=g)).float()
+    for name, den in _all_denoisers(data).items():
+        batch = den(z, ts)
+        single = torch.cat([den(z[i:i + 1], float(ts[i])) for i in range(len(ts))])
+        single_vec = torch.cat([den(z[i:i + 1], ts[i:i + 1]) for i in range(len(ts))])
+        assert maxdiff(batch, single) <= TOL, name
+        assert maxdiff(batch, single_vec) <= TOL, name
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_small_t_returns_source_image(kind):
+    data = data_for(kind)
+    t = 0.002
+    dens = {"empirical": Empirical(data), "square-full": PSPCSquare(data, patch_size=min(data.shape[1:]))}
+    if kind == "rgb":
+        dens.update({f"square{s}": PSPCSquare(data, patch_size=s) for s in (2, 3, 4)})
+    for seed in range(3):
+        z, src = queries(data, t, "forward", seed=seed, b=4)
+        x = data.get(src, torch.float64)
+        for name, den in dens.items():
+            assert maxdiff(den(z, t), x) <= 1e-3, (name, seed)
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_huge_t_tends_to_data_mean(kind):
+    data = data_for(kind)
+    mean = all_images(data).mean(0)
+    t = 1e4
+    z, _ = queries(data, 1.0, "random", b=4)
+    for name, den in _all_denoisers(data).items():
+        out = den(z, t)
+        assert maxdiff(out, np.broadcast_to(mean, out.shape)) <= 1e-3, name
+    # without flips the limit is the mean of the N stored images only
+    plain = data_for(kind, xflip=False)
+    mean_n = all_images(plain).mean(0)
+    assert maxdiff(Empirical(plain)(z, t), np.broadcast_to(mean_n, z.shape)) <= 1e-3
+
+
+def test_xflip_false_changes_the_set():
+    flip, plain = data_for("rgb"), data_for("rgb", xflip=False)
+    assert len(flip) == 2 * N and len(plain) == N
+    Xp = all_images(plain)
+    assert Xp.shape[0] == N
+    # the flipped half of the view is the mirror of the stored half
+    assert torch.equal(flip.get(torch.arange(N, 2 * N)), flip.get(torch.arange(N)).flip(-1))
+    z, _ = queries(plain, 0.3, "random")
+    a, b = Empirical(plain)(z, 0.3), Empirical(flip)(z, 0.3)
+    assert maxdiff(a, naive_empirical(z.double().numpy(), 0.3, Xp)) <= TOL
+    assert maxdiff(a, b) > 1e-2
+    s = PSPCSquare(plain, patch_size=3)(z, 0.3)
+    assert maxdiff(s, naive_square(z.double().numpy(), 0.3, Xp, 3)) <= TOL
+    assert maxdiff(s, PSPCSquare(flip, patch_size=3)(z, 0.3)) > 1e-2
+    g = Gaussian(plain)(z, 0.3)
+    assert maxdiff(g, naive_gaussian(z.double().numpy(), 0.3, Xp)) <= TOL
+    # a query at a flipped image's location is recovered only when flips are on
+    zf = flip.get(torch.tensor([N + 1, N + 4])) + 0.002 * torch.randn(2, *flip.shape,
+                                                                        generator=torch.Generator().manual_seed(1))
+    assert maxdiff(Empirical(flip)(zf, 0.002), flip.get(torch.tensor([N + 1, N + 4]))) <= 1e-3
+    assert maxdiff(Empirical(plain)(zf, 0.002), flip.get(torch.tensor([N + 1, N + 4]))) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# OnlineSoftmax
+# ----------------------------------------------------------------------------------------------
+
+def test_online_softmax_shuffled_chunks():
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 4, 37, 5
+    logits = torch.randn(b, n, generator=g, dtype=torch.float64) * 30
+    logits[1] -= 1e4          # a row far below zero (no underflow thanks to the running max)
+    logits[2, 5] += 500       # one dominant term
+    values = torch.randn(n, d, generator=g, dtype=torch.float64)
+    want = torch.softmax(logits, 1) @ values
+    want_lse = torch.logsumexp(logits, 1)
+    perm = torch.randperm(n, generator=g)
+    cuts = [0, 3, 4, 17, 30, n]
+    sm = OnlineSoftmax(dim=1)
+    for a, c in zip(cuts[:-1], cuts[1:]):
+        idx = perm[a:c]
+        sm.update(logits[:, idx], lambda w, idx=idx: w @ values[idx])
+    assert (sm.mean() - want).abs().max() <= 1e-12
+    assert (sm.logsumexp() - want_lse).abs().max() <= 1e-9
+    # importance weights: same as softmax of logits + log(weights)
+    wts = torch.rand(b, n, generator=g, dtype=torch.float64) + 0.1
+    sm2 = OnlineSoftmax(dim=1)
+    for a, c in zip(cuts[:-1], cuts[1:]):
+        idx = perm[a:c]
+        sm2.update(logits[:, idx], lambda w, idx=idx: w @ values[idx], weights=wts[:, idx])
+    want2 = torch.softmax(logits + wts.log(), 1) @ values
+    assert (sm2.mean() - want2).abs().max() <= 1e-12
+
+
+def test_empirical_mean_chunked_equals_unchunked():
+    data = data_for("rgb")
+    z, _ = queries(data, 0.3, "random")
+    t = torch.full((B,), 0.3, dtype=torch.float64)
+    a = empirical_mean(z, t, data)
+    b = empirical_mean(z, t, data, chunk=5)
+    assert maxdiff(a, b) <= 1e-6
+    c = composite_mean(z, t, data, SquareCrops(7, 6, 3))
+    d = composite_mean(z, t, data, SquareCrops(7, 6, 3), chunk=7)
+    assert maxdiff(c, d) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# input validation
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["empirical", "gaussian", "cfdm", "square2", "square-sched", "flex0.3"])
+def test_bad_inputs_raise_user_error(name):
+    data = data_for("gray")
+    den = _all_denoisers(data)[name]
+    z = torch.zeros(2, *data.shape)
+    for bad_t in (0.0, -1.0, float("nan"), float("inf"), torch.tensor([0.3, 0.0]), torch.tensor([0.3, 0.3, 0.3])):
+        with pytest.raises(UserError):
+            den(z, bad_t)
+    zn = z.clone()
+    zn[1, 0, 2, 2] = float("nan")
+    with pytest.raises(UserError):
+        den(zn, 0.3)
+    zi = z.clone()
+    zi[0, 0, 0, 0] = float("inf")
+    with pytest.raises(UserError):
+        den(zi, 0.3)
+    for bad_shape in ((2, 1, 5, 4), (2, 3, 5, 5), (1, 5, 5), (2, 1, 6, 5)):
+        with pytest.raises(UserError):
+            den(torch.zeros(bad_shape), 0.3)
