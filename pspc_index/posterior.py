@@ -107,12 +107,13 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, dtype=torch.flo
     sm = OnlineSoftmax(dim=1)
     for _, x in data.chunks(chunk, dtype):
         sm.update(crop_logits(x))
-    lse = sm.logsumexp()
-    # pass 2: normalised crop weights -> per-pixel weights -> weighted sum of training pixels
+    # pass 2: normalised crop weights -> per-pixel weights -> weighted sum of training pixels.
+    # Weights are exp(l - max) / Z, not exp(l - logsumexp): l and max are both huge at small t, but their
+    # difference is exact for near-ties, while a float32 logsumexp carries ~1e-3 rounding into every weight.
     inv_cov = (1 / crops.coverage).to(dtype).to(z.device)
     out = torch.zeros(b, z.shape[1], h * w, dtype=torch.float64, device=z.device)
     for start, x in data.chunks(chunk, dtype):
-        wk = torch.exp(crop_logits(x) - lse[:, None])
+        wk = torch.exp(crop_logits(x) - sm.m[:, None]) / sm.z[:, None]
         a = crops.uncrop(wk) * inv_cov
         if on_weights is not None:
             on_weights(start, a)

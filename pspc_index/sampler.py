@@ -45,7 +45,7 @@ def pf_ode_sample(denoiser, z: torch.Tensor, steps: int = 18, solver: str = "eul
         # 1. Euler step along dz/dt = (z - D(z, t)) / t
         d = denoiser(z, t)
         slope = (z - d) / t
-        z_next = z + (t_next - t) * slope
+        z_next = z + (t_next - t) * slope if t_next > 0 else d  # the step to t = 0 lands exactly on D
         # 2. Heun's correction with the slope at the end point (not on the last step, which ends at t = 0)
         if solver == "heun" and t_next > 0:
             slope_next = (z_next - denoiser(z_next, t_next)) / t_next
