@@ -78,8 +78,27 @@ heatmaps_opt = click.option("--heatmaps", "heatmaps_path", type=click.Path(), de
 device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 
 
+def retrieval_opts(f):
+    """--index BUNDLE --k --tail --m --tol, passed to the command as one `retrieval` dict."""
+    @functools.wraps(f)
+    def wrapper(*args, index_path, k, tail, m, tol, **kwargs):
+        return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "tol": tol}, **kwargs)
+    for opt in reversed([
+        click.option("--index", "index_path", type=click.Path(), default=None,
+                     help="Index bundle (from `build`): retrieval PSPC-Square instead of the exact engine."),
+        click.option("--k", "k", type=int, default=1024, show_default=True, help="Candidates per query and block."),
+        click.option("--tail", type=click.Choice(["sample", "none"]), default="sample", show_default=True,
+                     help="Uniform tail sample beyond the top k (unbiased normaliser), or none."),
+        click.option("--m", "m", type=int, default=4096, show_default=True, help="Tail sample size."),
+        click.option("--tol", type=float, default=None,
+                     help="Exact fallback for a patch size whose eps_bar (tail none) or tail error exceeds this."),
+    ]):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
-                   heatmaps_path=None, device="cpu"):
+                   heatmaps_path=None, device="cpu", retrieval: dict | None = None):
     """Open the store and make the named denoiser (the API the CLI shells over)."""
     from . import denoisers as dn
     from .schedule import get_schedule
@@ -90,6 +109,14 @@ def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=N
     store = ImageStore.open(store_path)
     data = store.training_set(xflip=xflip, device=device)
     sched = get_schedule(schedule, store.shape[2])
+    if retrieval and retrieval.get("index_path"):
+        from .index import open_bundle
+        from .retrieval import RetrievalPSPC
+        if denoiser != "pspc-square":
+            raise UserError(f"--index works with --denoiser pspc-square, not {denoiser}")
+        bundle = open_bundle(retrieval["index_path"], store)
+        return RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"], m=retrieval["m"],
+                             patch_size=patch_size, schedule=sched, tol=retrieval["tol"])
     if denoiser == "empirical":
         return dn.Empirical(data)
     if denoiser == "gaussian":
@@ -162,13 +189,15 @@ def info(store_path, as_json):
 @network_opt
 @heatmaps_opt
 @device_opt
+@retrieval_opts
 @user_errors
 def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule, xflip, network_path,
-            heatmaps_path, device):
+            heatmaps_path, device, retrieval):
     """Denoise z at noise level t and write D(z, t) as .npy."""
     if not np.isfinite(t) or t <= 0:
         raise UserError(f"--t must be finite and > 0, got {t}")
-    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device)
+    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
+                         retrieval)
     if z_path is not None:
         z = load_z(z_path, den.shape)
     else:
@@ -180,6 +209,37 @@ def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule,
     x = den(z, t).cpu().numpy().astype(np.float32)
     save_npy(out, x)
     click.echo(f"wrote {out}: {list(x.shape)} ({denoiser}, t={t:g})")
+
+
+@cli.command()
+@click.argument("store_path", type=click.Path())
+@click.argument("bundle_path", type=click.Path())
+@click.option("--patch-sizes", default=None,
+              help="Comma-separated sizes, e.g. 3,5,7 (default: the schedule's sizes below full size).")
+@click.option("--index", "kind", type=click.Choice(["flat", "sq8"]), default="sq8", show_default=True)
+@click.option("--stride", type=int, default=4, show_default=True, help="Anchor block side (positions per index).")
+@xflip_opt
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def build(store_path, bundle_path, patch_sizes, kind, stride, xflip, as_json):
+    """Build (or resume) an index bundle for STORE at BUNDLE."""
+    from .index import build_bundle
+    from .schedule import default_schedule
+    from .store import ImageStore
+
+    if patch_sizes is None:
+        sizes = default_schedule(ImageStore.open(store_path).shape[2]).sizes_below_full()
+    else:
+        try:
+            sizes = [int(v) for v in patch_sizes.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--patch-sizes {patch_sizes!r}: expected comma-separated integers") from None
+    man = build_bundle(store_path, bundle_path, sizes, stride=stride, kind=kind, xflip=xflip, progress=not as_json)
+    nbytes = sum(f["size"] for f in man["files"].values())
+    rep = {"bundle": str(bundle_path), "patch_sizes": man["patch_sizes"], "kind": kind, "stride": stride,
+           "xflip": xflip, "files": len(man["files"]), "bytes": nbytes, "store_sha256": man["store_sha256"]}
+    click.echo(json.dumps(rep) if as_json else
+               f"wrote {bundle_path}: {len(man['files'])} {kind} indices for s={man['patch_sizes']} ({nbytes} bytes)")
 
 
 def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> None:
@@ -219,15 +279,17 @@ def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> No
 @network_opt
 @heatmaps_opt
 @device_opt
+@retrieval_opts
 @user_errors
 def sample(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule, xflip,
-           network_path, heatmaps_path, device):
+           network_path, heatmaps_path, device, retrieval):
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
     from .sampler import sample as run
 
     if not str(out).endswith((".npy", ".zarr")):
         raise UserError(f"--out {out}: use a .npy or .zarr path")
-    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device)
+    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
+                         retrieval)
     res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record)
     x = res[0] if record else res
     write_samples(out, x, res[1] if record else None,
@@ -285,6 +347,68 @@ def demo(out_dir, n, seed):
     save_npy(out / "samples.npy", x.numpy())
     write_grid(out / "samples.png", x)
     click.echo(f"samples: {out / 'samples.png'}")
+
+
+@cli.command()
+@store_opt
+@click.option("--image", "image_path", type=click.Path(), default=None,
+              help="Query images .npy (uint8 or float in [-1, 1], [B, C, H, W]); z = x + t eps (seeded).")
+@click.option("--z", "z_path", type=click.Path(), default=None, help="Noisy queries, float [B, C, H, W] .npy.")
+@click.option("--trajectory", "traj_path", type=click.Path(), default=None,
+              help="A `sample --record` <stem>.trajectory.npz: steps aggregated with Euler weights.")
+@click.option("--t", "t", type=float, default=None, help="Noise level (with --image or --z).")
+@click.option("--top", "top", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--panel", "panel", type=click.Path(), default=None, help="Also write a PNG panel of the top images.")
+@patch_opt
+@schedule_opt
+@xflip_opt
+@user_errors
+def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, patch_size, schedule, xflip):
+    """Exact PSPC-Square attribution: each training image's share of D(z, t) (or of a recorded sample)."""
+    from . import attribution as at
+    from .store import ImageStore
+
+    given = [o for o, v in (("--image", image_path), ("--z", z_path), ("--trajectory", traj_path)) if v is not None]
+    if len(given) != 1:
+        raise UserError(f"give exactly one of --image, --z, --trajectory (got {', '.join(given) or 'none'})")
+    if traj_path is None and (t is None or not np.isfinite(t) or t <= 0):
+        raise UserError(f"{given[0]} needs --t, finite and > 0 (got {t})")
+    if traj_path is not None and t is not None:
+        raise UserError("--t does not apply to --trajectory (its noise levels are recorded)")
+    if top < 1:
+        raise UserError(f"--top must be >= 1, got {top}")
+    den = build_denoiser(store_path, "pspc-square", xflip, patch_size, schedule)
+    labels = ImageStore.open(store_path).labels
+    want_maps = panel is not None
+    if traj_path is not None:
+        ts, zs, ds = at.load_trajectory(traj_path, den.shape)
+        res, shares, tm = at.attribute_trajectory(den, ts, zs, top, labels, maps=want_maps)
+        query, t_out = ds[-1], ts.tolist()
+        sizes = den.sizes(ts).tolist()
+    else:
+        if image_path is not None:
+            x = at.load_images(image_path, den.shape)
+            res, shares, tm = at.attribute_image(den, x, t, seed, top, labels, maps=want_maps)
+            query = x
+        else:
+            query = load_z(z_path, den.shape)
+            res, shares, tm = at.attribute(den, query, t, top, labels, maps=want_maps)
+        t_out = t
+        sizes = den.sizes(torch.tensor([t], dtype=torch.float64)).tolist()
+    rep = {"queries": res, "t": t_out, "patch_size": sizes[0] if len(set(sizes)) == 1 else sizes}
+    if panel is not None:
+        at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps,
+                             shares.gather(1, tm.ids))
+    if as_json:
+        click.echo(json.dumps(rep))
+    else:
+        for q, entries in enumerate(res):
+            click.echo(f"query {q}: " + ", ".join(
+                f"{e['index']}{'(flip)' if e['flip'] else ''}={e['share']:.4f}" for e in entries))
+        if panel is not None:
+            click.echo(f"wrote {panel}")
 
 
 def main():

@@ -1,0 +1,272 @@
+"""Exact training-data attribution for PSPC-Square (DESIGN.md section 3).
+
+The PSPC composite is a per-pixel convex combination of training pixels,
+    D[c, p] = sum_i a_i[p] x_i[c, p],   sum_i a_i[p] = 1 at every pixel p,
+so each (virtual) training image i has an exact *map* a_i[.] and a *share* sum_p a_i[p] / (H W) of the
+output (shares sum to 1 per query). Both come from `composite_mean`'s `on_weights` callback, in the
+same streaming passes that compute the denoiser output: memory stays bounded for any N (shares are
+[B, N_virtual] float64; maps are kept only for the top-m images, with a running top-m over chunks).
+
+Patch size s = H (the optimal denoiser) is evaluated as the composite over the single full-image crop,
+which equals `empirical_mean` and exposes the weights.
+
+Trajectory attribution (a recorded PF-ODE sample) aggregates per-step shares with `euler_weights`;
+see that function for the weighting and its derivation.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .denoisers import PSPCSquare, as_t
+from .errors import UserError
+from .geometry import MaskCrops, SquareCrops
+from .posterior import composite_mean
+
+
+class TopMaps(NamedTuple):
+    """Per query: virtual ids [B, m] (share desc, ties by id asc) and their maps a_i [B, m, H, W] float64."""
+
+    ids: torch.Tensor
+    maps: torch.Tensor
+
+
+def _crops(h: int, w: int, s: int):
+    if s >= max(h, w):
+        return MaskCrops(torch.ones(1, h, w, dtype=torch.bool))  # one crop: the whole image (empirical)
+    return SquareCrops(h, w, s)
+
+
+def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None = None,
+                     ids: torch.Tensor | None = None, dtype=torch.float32):
+    """Shares [B, Nv] float64 of every virtual training image in D(z, t), and per-pixel maps.
+
+    top: keep maps of the top-m images per query (running top-m, one composite evaluation) ->
+    TopMaps. ids [B, m]: keep maps of these virtual ids instead (e.g. chosen from aggregated shares).
+    Neither: maps is None. `dtype` is the composite's compute type (float32 as the denoiser).
+    """
+    if not isinstance(denoiser, PSPCSquare):
+        raise UserError(f"attribution needs the pspc-square denoiser, got {getattr(denoiser, 'name', denoiser)}")
+    if top is not None and ids is not None:
+        raise ValueError("give top or ids, not both")
+    data = denoiser.data
+    z = torch.as_tensor(z)
+    if z.ndim != 4 or tuple(z.shape[1:]) != tuple(data.shape):
+        raise UserError(f"z has shape {list(z.shape)}, expected [B, {', '.join(map(str, data.shape))}]")
+    if not torch.isfinite(z).all():
+        raise UserError("z contains NaN or Inf")
+    b, (_, h, w), nv = z.shape[0], data.shape, len(data)
+    if top is not None and top < 1:
+        raise UserError(f"--top must be >= 1, got {top}")
+    m = min(top, nv) if top is not None else (ids.shape[1] if ids is not None else 0)
+    tt = as_t(t, b)
+    z = z.to(data.device, torch.float32)
+    shares = torch.zeros(b, nv, dtype=torch.float64)
+    keep = ids is not None or top is not None
+    out_ids = ids.clone().long().cpu() if ids is not None else torch.zeros(b, m, dtype=torch.long)
+    out_maps = torch.zeros(b, m, h, w, dtype=torch.float64)
+    sizes = denoiser.sizes(tt)
+    for s in sizes.unique().tolist():
+        sel = (sizes == s).nonzero().flatten()
+        state = {"vals": None, "ids": None, "maps": None}
+
+        def on_weights(start, a, sel=sel, state=state):
+            a = a.to(torch.float64).cpu()
+            n = a.shape[1]
+            sh = a.sum((2, 3)) / (h * w)
+            shares[sel, start:start + n] = sh
+            if ids is not None:
+                # maps of the requested ids that fall in this chunk
+                rel = out_ids[sel] - start
+                hit = (rel >= 0) & (rel < n)
+                if hit.any():
+                    q, j = hit.nonzero(as_tuple=True)
+                    out_maps[sel[q], j] = a[q, rel[q, j]]
+            elif top is not None:
+                # running top-m; candidates ordered (kept, then this chunk), all kept ids < start, so a
+                # stable descending sort keeps ties in ascending id order, as the final ranking does
+                cid = torch.arange(start, start + n).expand(len(sel), n)
+                vals, cids, maps = sh, cid, a
+                if state["vals"] is not None:
+                    vals = torch.cat([state["vals"], sh], 1)
+                    cids = torch.cat([state["ids"], cid], 1)
+                    maps = torch.cat([state["maps"], a], 1)
+                order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :m]
+                state["vals"] = vals.gather(1, order)
+                state["ids"] = cids.gather(1, order)
+                state["maps"] = maps[torch.arange(len(sel))[:, None], order]
+
+        composite_mean(z[sel.to(z.device)], tt[sel], data, _crops(h, w, int(s)), dtype=dtype,
+                       on_weights=on_weights)
+        if top is not None:
+            out_ids[sel], out_maps[sel] = state["ids"], state["maps"]
+    return shares, (TopMaps(out_ids, out_maps) if keep else None)
+
+
+def top_ids(shares: torch.Tensor, m: int) -> torch.Tensor:
+    """Virtual ids [B, m] by share, largest first, ties by ascending id."""
+    return torch.sort(shares, dim=1, descending=True, stable=True).indices[:, :min(m, shares.shape[1])]
+
+
+def ranking(data, shares: torch.Tensor, m: int, labels=None) -> list[list[dict]]:
+    """Per query, the top-m images as {"index", "flip", "share", "label"}, largest share first."""
+    out = []
+    for row, ids in zip(shares, top_ids(shares, m)):
+        entries = []
+        for i in ids.tolist():
+            idx, flip = data.describe(i)
+            entries.append({"index": idx, "flip": flip, "share": float(row[i]),
+                            "label": None if labels is None else int(labels[idx])})
+        out.append(entries)
+    return out
+
+
+def forward_query(x: torch.Tensor, t: float, seed: int = 0) -> torch.Tensor:
+    """z = x + t eps, eps ~ N(0, I) seeded (one generator for the batch)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return x.to(torch.float32) + float(t) * torch.randn(x.shape, generator=g)
+
+
+def attribute(denoiser: PSPCSquare, z: torch.Tensor, t, top: int = 10, labels=None, maps: bool = False):
+    """Attribution of D(z, t): (ranking list per query, shares [B, Nv], TopMaps or None)."""
+    shares, tm = attribution_maps(denoiser, z, t, top=top if maps else None)
+    return ranking(denoiser.data, shares, top, labels), shares, tm
+
+
+def attribute_image(denoiser: PSPCSquare, x: torch.Tensor, t: float, seed: int = 0, top: int = 10,
+                    labels=None, maps: bool = False):
+    """Attribution of the denoised forward-process query z = x + t eps (seeded); see `attribute`."""
+    return attribute(denoiser, forward_query(x, t, seed), t, top, labels, maps)
+
+
+def euler_weights(ts) -> torch.Tensor:
+    """Weights [S] (sum 1) of the S recorded steps t_0 > ... > t_{S-1} of an Euler PF-ODE sample.
+
+    Euler on dz/dt = (z - D)/t gives z_{i+1} = r_i z_i + (1 - r_i) D_i with r_i = t_{i+1}/t_i. The last
+    step goes to t = 0 (r = 0), so the sample is x = D_{S-1}(z_{S-1}, t_{S-1}): a cleanup at t_min that
+    moves z_{S-1} by O(t_min). Unrolling the recurrence up to the state it cleans,
+        z_{S-1} = sum_{i<S-1} c_i D_i + (t_{S-1}/t_0) z_0,   c_i = (1 - r_i) prod_{i<j<S-1} r_j
+                = (t_i - t_{i+1}) t_{S-1} / (t_i t_{i+1}),
+    and the c_i telescope to 1 - t_{S-1}/t_0. Step i < S-1 gets weight c_i (the coefficient with which its
+    denoiser output enters the content of the sample), and the final step gets the remaining
+    t_{S-1}/t_0: the fraction of z_{S-1} that is still initial noise, which the last denoise replaces.
+    The c_i are computed numerically by unrolling the recurrence. Late (small-t) steps dominate, as
+    they fix the sample's pixels; early steps, whose posteriors are diffuse, weigh little.
+    """
+    ts = torch.as_tensor(np.asarray(ts), dtype=torch.float64).reshape(-1)
+    if len(ts) == 0 or not torch.isfinite(ts).all() or (ts <= 0).any():
+        raise UserError("trajectory noise levels ts must be finite and > 0")
+    if len(ts) > 1 and (ts[1:] >= ts[:-1]).any():
+        raise UserError("trajectory noise levels ts must decrease")
+    n = len(ts)
+    w = torch.zeros(n, dtype=torch.float64)
+    for i in range(n - 1):  # coefficient of z_0 and of D_i in z_{i+1}, carried forward
+        r = ts[i + 1] / ts[i]
+        w[:i] *= r
+        w[i] = 1 - r
+    w[n - 1] = ts[n - 1] / ts[0]
+    return w
+
+
+def attribute_trajectory(denoiser: PSPCSquare, ts, zs: torch.Tensor, top: int = 10, labels=None,
+                         maps: bool = False):
+    """Attribution of recorded samples: shares of every step (z_i at t_i, zs [S, B, C, H, W]) aggregated
+    with `euler_weights`. With `maps`, the top ids' maps are aggregated the same way (second pass)."""
+    zs = torch.as_tensor(zs)
+    w = euler_weights(ts)
+    if zs.ndim != 5 or zs.shape[0] != len(w):
+        raise UserError(f"trajectory z has shape {list(zs.shape)}, expected [{len(w)}, B, C, H, W]")
+    shares = sum(float(wi) * attribution_maps(denoiser, zs[i], float(ts[i]))[0] for i, wi in enumerate(w))
+    tm = None
+    if maps:
+        ids = top_ids(shares, top)
+        agg = torch.zeros(*ids.shape, *zs.shape[3:], dtype=torch.float64)
+        for i, wi in enumerate(w):
+            agg += float(wi) * attribution_maps(denoiser, zs[i], float(ts[i]), ids=ids)[1].maps
+        tm = TopMaps(ids, agg)
+    return ranking(denoiser.data, shares, top, labels), shares, tm
+
+
+def _show(img: np.ndarray):
+    """[C, H, W] in [-1, 1] -> something imshow draws, plus its colormap."""
+    img = np.clip((np.asarray(img, np.float64) + 1) / 2, 0, 1)
+    return (img[0], "gray") if img.shape[0] == 1 else (img.transpose(1, 2, 0), None)
+
+
+def attribution_panel(path, query_image, top_images, top_maps, shares) -> None:
+    """PNG: per query a row with the query, then its top-m training images with their maps overlaid.
+
+    query_image [B, C, H, W] (or [C, H, W]) in [-1, 1]; top_images [B, m, C, H, W] in [-1, 1];
+    top_maps [B, m, H, W]; shares [B, m] (titles). Written atomically.
+    """
+    import os
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = np.asarray(query_image)
+    q = q[None] if q.ndim == 3 else q
+    imgs, maps, sh = np.asarray(top_images), np.asarray(top_maps), np.asarray(shares)
+    b, m = maps.shape[:2]
+    fig, axes = plt.subplots(b, m + 1, figsize=(1.6 * (m + 1), 1.8 * b), squeeze=False)
+    for r in range(b):
+        im, cmap = _show(q[r])
+        axes[r, 0].imshow(im, cmap=cmap, vmin=0, vmax=1)
+        axes[r, 0].set_title("query", fontsize=8)
+        for j in range(m):
+            ax = axes[r, j + 1]
+            im, cmap = _show(imgs[r, j])
+            ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
+            mp = maps[r, j]
+            ax.imshow(mp, cmap="inferno", alpha=0.55, vmin=0, vmax=max(float(mp.max()), 1e-12))
+            ax.set_title(f"{sh[r, j]:.3f}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _load_npy(path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__})") from None
+
+
+def load_images(path, shape) -> torch.Tensor:
+    """Query images .npy: uint8 or float in [-1, 1], [B, C, H, W] matching `shape` -> float32 in [-1, 1]."""
+    x = _load_npy(path, ".npy array")
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+        raise UserError(f"{path}: images have shape {list(x.shape)}, the store's are [B, {', '.join(map(str, shape))}]")
+    if x.dtype == np.uint8:
+        return torch.from_numpy(x.astype(np.float32) / 127.5 - 1)
+    if x.dtype.kind != "f":
+        raise UserError(f"{path}: images must be uint8 or float in [-1, 1], got {x.dtype}")
+    if not np.isfinite(x).all() or np.abs(x).max() > 1 + 1e-3:
+        raise UserError(f"{path}: float images must be finite and in [-1, 1]")
+    return torch.from_numpy(x.astype(np.float32)).clamp(-1, 1)
+
+
+def load_trajectory(path, shape):
+    """A `sample --record` trajectory .npz -> (ts [S], z [S, B, C, H, W], denoised [S, B, C, H, W])."""
+    f = _load_npy(path, "trajectory .npz")
+    if not hasattr(f, "files") or not {"ts", "z", "denoised"} <= set(f.files):
+        raise UserError(f"{path}: not a trajectory .npz (needs arrays ts, z, denoised)")
+    ts, z, d = f["ts"], f["z"], f["denoised"]
+    if z.ndim != 5 or tuple(z.shape[2:]) != tuple(shape) or z.shape[0] != len(ts) or d.shape != z.shape:
+        raise UserError(f"{path}: trajectory z has shape {list(z.shape)} for {len(ts)} steps, "
+                        f"expected [{len(ts)}, B, {', '.join(map(str, shape))}]")
+    if not np.isfinite(z).all():
+        raise UserError(f"{path}: trajectory z contains NaN or Inf")
+    return torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(z.astype(np.float32)), \
+        torch.from_numpy(d.astype(np.float32))
