@@ -1,0 +1,238 @@
+"""Index bundles (DESIGN.md section 2): per patch size s and per anchor block of positions, one FAISS
+index over the training patches of the block's union window.
+
+Positions (corners of the s x s crops, grid (H-s+1) x (W-s+1)) are grouped in stride x stride blocks.
+A block's union window is the region covering all its crops: (s+stride-1)^2, clipped at the border.
+Index ids are virtual training indices (flips >= N). The uint8 store stays the one copy of pixels:
+retrieval rescales nothing from FAISS, it only takes candidate ids.
+
+Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block) and `manifest.json`
+(written last). Files are written under temporary names and renamed; a progress journal lets a killed
+build resume, skipping files whose checksum is recorded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+PROGRESS = ".progress.json"
+FORMAT = "pspc-index-bundle"
+FORMAT_VERSION = 1
+KINDS = ("sq8", "flat")
+
+
+def blocks(h: int, w: int, s: int, stride: int) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """(by, bx, (r0, r1, c0, c1)) per anchor block: the union window rows r0:r1, cols c0:c1."""
+    gh, gw = h - s + 1, w - s + 1
+    out = []
+    for by in range((gh + stride - 1) // stride):
+        for bx in range((gw + stride - 1) // stride):
+            r0, c0 = by * stride, bx * stride
+            r1, c1 = min(r0 + stride, gh) - 1 + s, min(c0 + stride, gw) - 1 + s
+            out.append((by, bx, (r0, r1, c0, c1)))
+    return out
+
+
+def window_u8(data, idx: torch.Tensor, win: tuple[int, int, int, int]) -> torch.Tensor:
+    """uint8 windows [*, C, r1-r0, c1-c0] of the virtual images idx, without materialising whole images
+    (a flipped image's window is the mirrored window of the stored image, flipped)."""
+    r0, r1, c0, c1 = win
+    w = data.shape[2]
+    idx = torch.as_tensor(idx, device=data.device)
+    flat = idx.reshape(-1)
+    stored, flip = flat % data.n_stored, flat >= data.n_stored
+    out = data.images[stored, :, r0:r1, c0:c1]
+    if flip.any():
+        out[flip] = data.images[stored[flip], :, r0:r1, w - c1:w - c0].flip(-1)
+    return out.reshape(*idx.shape, *out.shape[1:])
+
+
+def index_vectors(data, win, chunk: int = 65536) -> np.ndarray:
+    """All virtual training patches of a window as float32 [N, d] in [-1, 1]."""
+    parts = []
+    for start in range(0, len(data), chunk):
+        idx = torch.arange(start, min(start + chunk, len(data)), device=data.device)
+        parts.append((window_u8(data, idx, win).flatten(1).to(torch.float32) / 127.5 - 1).cpu().numpy())
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def make_index(vectors: np.ndarray, kind: str):
+    import faiss
+
+    d = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatL2(d)
+    elif kind == "sq8":
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit)
+        index.train(vectors)
+    else:
+        raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
+    index.add(vectors)
+    return index
+
+
+def file_name(s: int, by: int, bx: int) -> str:
+    return f"s{s}_b{by}_{bx}.faiss"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, raw: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _versions() -> dict:
+    import faiss
+
+    return {"faiss": faiss.__version__, "torch": torch.__version__.split("+")[0], "numpy": np.__version__}
+
+
+def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "sq8",
+                 xflip: bool = True, progress: bool = True) -> dict:
+    """Build (or finish) an index bundle for a store; returns the manifest."""
+    import faiss
+
+    from .store import ImageStore
+
+    if kind not in KINDS:
+        raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
+    if stride < 1:
+        raise UserError(f"--stride must be >= 1, got {stride}")
+    store = ImageStore.open(store_path)
+    data = store.training_set(xflip=xflip)
+    c, h, w = data.shape
+    sizes = sorted({int(s) for s in patch_sizes})
+    if not sizes:
+        raise UserError("no patch sizes to index")
+    for s in sizes:
+        if not 1 <= s < min(h, w):
+            raise UserError(f"patch size {s} is outside 1..{min(h, w) - 1} for {h}x{w} images "
+                            f"(full size is the exact empirical denoiser)")
+    bundle = Path(bundle_path)
+    bundle.mkdir(parents=True, exist_ok=True)
+    params = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_sha256": store.sha256,
+              "shape": list(store.shape), "xflip": xflip, "patch_sizes": sizes, "stride": stride,
+              "kind": kind, "versions": _versions()}
+    # resume: files recorded (by a finished manifest or the progress journal) under the same parameters
+    done: dict[str, dict] = {}
+    for name in (MANIFEST, PROGRESS):
+        try:
+            old = json.loads((bundle / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: old.get(k) for k in params} == params:
+            done.update(old.get("files", {}))
+    files: dict[str, dict] = {}
+    jobs = [(s, by, bx, win) for s in sizes for by, bx, win in blocks(h, w, s, stride)]
+    for i, (s, by, bx, win) in enumerate(jobs):
+        name = file_name(s, by, bx)
+        path = bundle / name
+        rec = done.get(name)
+        if rec and path.exists() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
+            files[name] = rec
+        else:
+            index = make_index(index_vectors(data, win), kind)
+            raw = faiss.serialize_index(index).tobytes()
+            _write_atomic(path, raw)
+            files[name] = {"s": s, "block": [by, bx], "window": list(win), "size": len(raw),
+                           "sha256": hashlib.sha256(raw).hexdigest()}
+            _write_json(bundle / PROGRESS, {**params, "files": {**done, **files}})
+        if progress:
+            print(f"\r[{i + 1}/{len(jobs)}] s={s} block ({by},{bx})", end="", flush=True, file=sys.stderr)
+    if progress:
+        print(flush=True, file=sys.stderr)
+    manifest = {**params, "files": dict(sorted(files.items()))}
+    _write_json(bundle / MANIFEST, manifest)
+    (bundle / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+@dataclass
+class Bundle:
+    """An opened, verified bundle; indices are loaded on first use."""
+
+    path: Path
+    manifest: dict
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        return list(self.manifest["patch_sizes"])
+
+    @property
+    def stride(self) -> int:
+        return int(self.manifest["stride"])
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def xflip(self) -> bool:
+        return bool(self.manifest["xflip"])
+
+    def index(self, s: int, by: int, bx: int):
+        import faiss
+
+        name = file_name(s, by, bx)
+        if name not in self._cache:
+            raw = (self.path / name).read_bytes()
+            if hashlib.sha256(raw).hexdigest() != self.manifest["files"][name]["sha256"]:
+                raise UserError(f"{self.path / name}: checksum mismatch (file changed since the bundle was opened)")
+            self._cache[name] = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+        return self._cache[name]
+
+
+def open_bundle(path, store) -> Bundle:
+    """Open a bundle and verify it against `store` (an ImageStore or a store path) and its checksums."""
+    from .store import ImageStore
+
+    if not isinstance(store, ImageStore):
+        store = ImageStore.open(store)
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not an index bundle (no {MANIFEST}; unfinished build?)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable bundle manifest ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not a pspc-index bundle manifest")
+    if manifest.get("store_sha256") != store.sha256 or manifest.get("shape") != list(store.shape):
+        raise UserError(f"{path}: built for store {str(manifest.get('store_sha256'))[:12]}, "
+                        f"but {store.path} is {store.sha256[:12]} (rebuild the bundle)")
+    for name, rec in manifest.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise UserError(f"{f}: index file missing (rebuild the bundle to resume)")
+        if f.stat().st_size != rec["size"]:
+            raise UserError(f"{f}: truncated or resized ({f.stat().st_size} bytes, manifest says {rec['size']})")
+        if sha256_file(f) != rec["sha256"]:
+            raise UserError(f"{f}: checksum mismatch (corrupted index file)")
+    return Bundle(path=path, manifest=manifest)

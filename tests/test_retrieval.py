@@ -1,0 +1,146 @@
+"""Retrieval (DESIGN.md section 2): index bundles and RetrievalPSPC against the exact composite."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pspc_index.cli import cli
+from pspc_index.errors import UserError
+from pspc_index.geometry import SquareCrops
+from pspc_index.index import build_bundle, open_bundle
+from pspc_index.posterior import composite_mean
+from pspc_index.retrieval import RetrievalPSPC
+from pspc_index.store import ImageStore, write_store
+
+
+def images(seed=0, n=20):
+    return np.random.RandomState(seed).randint(0, 256, (n, 1, 8, 8)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ret")
+    store = write_store(root / "s.zarr", images())
+    build_bundle(root / "s.zarr", root / "flat", [3], stride=2, kind="flat", progress=False)
+    build_bundle(root / "s.zarr", root / "sq8", [3, 5], stride=4, kind="sq8", progress=False)
+    return root, store
+
+
+def queries(data, t, b=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (b,), generator=g)
+    return data.get(idx) + t * torch.randn(b, *data.shape, generator=g)
+
+
+def test_all_candidates_equal_exact(built):
+    root, store = built
+    data = store.training_set()
+    den = RetrievalPSPC(data, open_bundle(root / "flat", store), k=len(data), tail="none", patch_size=3)
+    z = queries(data, 0.3)
+    exact = composite_mean(z, 0.3, data, SquareCrops(8, 8, 3))
+    assert (den(z, 0.3) - exact).abs().max() < 1e-5
+    rep = den.last_report[3]
+    assert rep["path"] == "retrieval" and rep["eps_bar"].max() == 0
+
+
+def test_sq8_all_candidates_with_exact_tail(built):
+    # sq8 codes only choose candidates; with m >= N the tail is every other image: exact again
+    root, store = built
+    data = store.training_set()
+    den = RetrievalPSPC(data, open_bundle(root / "sq8", store), k=5, tail="sample", m=len(data), patch_size=5)
+    z = queries(data, 0.5)
+    exact = composite_mean(z, 0.5, data, SquareCrops(8, 8, 5))
+    assert (den(z, 0.5) - exact).abs().max() < 1e-5
+
+
+def test_tail_unbiased_and_shrinks(tmp_path):
+    # 4x4 images, s = 3: four positions in one block (kept small: 2 x 100 seeded runs)
+    store = write_store(tmp_path / "s.zarr", np.random.RandomState(7).randint(0, 256, (20, 1, 4, 4)).astype(np.uint8))
+    build_bundle(tmp_path / "s.zarr", tmp_path / "b", [3], stride=2, kind="flat", progress=False)
+    data = store.training_set()
+    n, s, t, py, px = len(data), 3, 0.6, 1, 0
+    z = queries(data, t, b=2)
+    bundle = open_bundle(tmp_path / "b", store)
+    zp = z[:, :, py:py + s, px:px + s].flatten(1).double()
+    allx = data.get(torch.arange(n), torch.float64)[:, :, py:py + s, px:px + s].flatten(1)
+    exact = torch.logsumexp(-((allx[None] - zp[:, None]) ** 2).sum(2) / (2 * t ** 2), 1)
+    errs = {}
+    for m in (4, 32):
+        ests, ses = [], []
+        for seed in range(100):
+            den = RetrievalPSPC(data, bundle, k=4, tail="sample", m=m, seed=seed, patch_size=s)
+            den(z, t)
+            ests.append(den.last_report[s]["log_z"][:, py, px])
+            ses.append(den.last_report[s]["rel_se"][:, py, px])
+        ratio = torch.exp(torch.stack(ests) - exact)  # Z_hat / Z  [seeds, B]
+        mean, sem = ratio.mean(0), ratio.std(0) / math.sqrt(len(ratio))
+        assert ((mean - 1).abs() < 4 * sem + 1e-9).all(), (m, mean, sem)
+        errs[m] = ratio.std(0)
+        # the reported relative standard error (rms over seeds) tracks the spread across seeds once m is
+        # not tiny (at m = 4 the sample variance of heavy-tailed terms underestimates, as expected)
+        q = torch.stack(ses).pow(2).mean(0).sqrt() / errs[m]
+        assert m < 32 or ((q > 0.5) & (q < 2)).all(), q
+    assert (errs[32] < errs[4]).all()
+
+
+def test_tol_forces_exact(built):
+    root, store = built
+    data = store.training_set()
+    bundle = open_bundle(root / "sq8", store)
+    z = queries(data, 0.8)
+    exact = composite_mean(z, 0.8, data, SquareCrops(8, 8, 3))
+    loose = RetrievalPSPC(data, bundle, k=2, tail="none", patch_size=3)
+    assert (loose(z, 0.8) - exact).abs().max() > 1e-3
+    strict = RetrievalPSPC(data, bundle, k=2, tail="none", patch_size=3, tol=1e-6)
+    assert (strict(z, 0.8) - exact).abs().max() < 1e-6
+    assert strict.last_report[3]["path"].startswith("exact")
+    # s not in the bundle: the exact composite
+    other = RetrievalPSPC(data, bundle, k=2, tail="none", patch_size=7)
+    assert (other(z, 0.8) - composite_mean(z, 0.8, data, SquareCrops(8, 8, 7))).abs().max() < 1e-6
+
+
+def test_resume_byte_identical(tmp_path):
+    write_store(tmp_path / "s.zarr", images(2))
+    a, b = tmp_path / "a", tmp_path / "b"
+    man = build_bundle(tmp_path / "s.zarr", a, [3, 5], stride=4, kind="sq8", progress=False)
+    build_bundle(tmp_path / "s.zarr", b, [3, 5], stride=4, kind="sq8", progress=False)
+    victim = sorted(man["files"])[1]
+    (b / victim).unlink()
+    (b / "manifest.json").unlink()  # as if killed before the manifest
+    man_b = build_bundle(tmp_path / "s.zarr", b, [3, 5], stride=4, kind="sq8", progress=False)
+    assert man_b == man
+    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    for name in man["files"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_bad_bundles(tmp_path):
+    write_store(tmp_path / "s.zarr", images(3))
+    build_bundle(tmp_path / "s.zarr", tmp_path / "b", [3], stride=4, kind="flat", progress=False)
+    other = write_store(tmp_path / "o.zarr", images(4))
+    with pytest.raises(UserError, match="built for store"):
+        open_bundle(tmp_path / "b", other)
+    name = sorted(json.loads((tmp_path / "b" / "manifest.json").read_text())["files"])[0]
+    raw = (tmp_path / "b" / name).read_bytes()
+    (tmp_path / "b" / name).write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        open_bundle(tmp_path / "b", ImageStore.open(tmp_path / "s.zarr"))
+
+
+def test_cli_build_and_denoise(tmp_path):
+    write_store(tmp_path / "s.zarr", images(5))
+    r = CliRunner().invoke(cli, ["build", str(tmp_path / "s.zarr"), str(tmp_path / "b"), "--patch-sizes", "3,5",
+                                 "--index", "flat", "--stride", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["patch_sizes"] == [3, 5]
+    args = ["denoise", "--store", str(tmp_path / "s.zarr"), "--t", "0.3", "--n", "2", "--patch-size", "3",
+            "--out", str(tmp_path / "d.npy"), "--index", str(tmp_path / "b"), "--k", "40", "--tail", "none"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "d.npy").shape == (2, 1, 8, 8)
+    (tmp_path / "b" / "manifest.json").write_text("{not json")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
