@@ -265,7 +265,8 @@ def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> No
 
 @cli.command()
 @store_opt
-@click.option("--n", "n", type=int, default=16, show_default=True)
+@click.option("--n", "-n", "n", type=int, default=16, show_default=True,
+              help="Number of samples (under torchrun write -n: torchrun reads --n as its own option).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(), required=True, help="Samples: .npy or .zarr.")
 @click.option("--steps", type=int, default=18, show_default=True)
@@ -288,6 +289,12 @@ def sample(store_path, n, seed, out, steps, solver, batch, record, denoiser, pat
 
     if not str(out).endswith((".npy", ".zarr")):
         raise UserError(f"--out {out}: use a .npy or .zarr path")
+    if str(out).endswith(".zarr"):
+        return sample_zarr(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule,
+                           xflip, network_path, heatmaps_path, device, retrieval)
+    from .distributed import launched_distributed
+    if launched_distributed():
+        raise UserError(f"--out {out}: under torchrun, write a resumable .zarr (e.g. --out samples.zarr)")
     den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
                          retrieval)
     res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record)
@@ -297,6 +304,40 @@ def sample(store_path, n, seed, out, steps, solver, batch, record, denoiser, pat
     png = Path(str(out).rsplit(".", 1)[0] + ".png")
     write_grid(png, x)
     click.echo(f"wrote {out} ({n} samples) and {png}")
+
+
+def sample_zarr(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule, xflip,
+                network_path, heatmaps_path, device, retrieval):
+    """`sample --out X.zarr`: resumable, batch-by-batch; split over processes when run under torchrun."""
+    import zarr
+    from .distributed import init_distributed, sample_to_zarr
+
+    if n <= 0 or batch <= 0 or steps < 2:
+        raise UserError(f"need n > 0, batch > 0 and steps >= 2, got n={n}, batch={batch}, steps={steps}")
+    rank, world = init_distributed(device)
+    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
+                         retrieval)
+    try:
+        sha = zarr.open_group(str(store_path), mode="r").attrs.get("sha256")
+    except Exception:
+        sha = None
+    meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
+            "store_sha256": sha, "retrieval": {k: (str(v) if k == "index_path" and v is not None else v)
+                                               for k, v in (retrieval or {}).items()}}
+    if denoiser == "network":
+        meta["network"] = str(network_path or DEFAULT_NETWORK)
+    if denoiser == "pspc-flex":
+        meta["heatmaps"] = str(heatmaps_path or DEFAULT_HEATMAPS)
+    x = sample_to_zarr(den, out, n, seed, steps=steps, solver=solver, batch=batch, record=record,
+                       progress=rank == 0 or world > 1, rank=rank, world=world, meta=meta)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
+    png = Path(str(out).rsplit(".", 1)[0] + ".png")
+    if x is not None:
+        write_grid(png, torch.from_numpy(x[:256]))
+    click.echo(f"wrote {out} ({n} samples{f', {world} processes' if world > 1 else ''}) and {png}")
 
 
 def write_samples(out, x: torch.Tensor, traj, meta: dict) -> None:

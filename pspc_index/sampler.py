@@ -71,12 +71,12 @@ def sample(denoiser, n: int, seed: int, steps: int = 18, solver: str = "euler", 
     bar = tqdm(total=n * steps, unit="img-step", disable=not progress, file=sys.stderr)
     for start in range(first, first + n, batch):
         idx = range(start, min(start + batch, first + n))
-        z = initial_noise(seed, idx, denoiser.shape)
+        z = initial_noise(seed, idx, denoiser.shape).to(getattr(denoiser, "device", "cpu"))  # noise drawn on CPU
         res = pf_ode_sample(denoiser, z, steps, solver, record, progress=lambda i, s: bar.update(len(idx)))
         outs.append(res[0] if record else res)
         if record:
             trajs.append(res[1])
-    x = torch.cat(outs)
+    x = torch.cat(outs).cpu()
     if not record:
         return x
     traj = Trajectory(trajs[0].ts, torch.cat([tr.z for tr in trajs], 1), torch.cat([tr.denoised for tr in trajs], 1))

@@ -1,0 +1,194 @@
+"""Large sampling runs: resumable zarr output, split over processes (torchrun) by batch.
+
+Output layout (zarr v3 group at `out_path`):
+  samples   float32 [N, C, H, W], one chunk per batch along N
+  ts        float64 [steps] (with record)
+  z         float32 [steps, N, C, H, W] (with record), one chunk per batch
+  denoised  float32 [steps, N, C, H, W] (with record), one chunk per batch
+  done      uint8 [n_batches], one chunk per flag; set only after the batch's data is written
+  attrs     the run settings; a rerun must match them and skips the done batches.
+
+Each sample depends only on (seed, its index) and batches are fixed by `batch`, so any split of the
+batches over processes (b % world == rank) gives the same bytes as one process.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT = "pspc-index-samples"
+
+
+def launched_distributed() -> bool:
+    """True when started by torchrun with more than one process."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) if launched with WORLD_SIZE > 1.
+    Returns (rank, world); (0, 1) when not distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not launched_distributed():
+        return 0, 1
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available on this machine")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _settings(denoiser, n, seed, steps, solver, batch, record, meta) -> dict:
+    s = {"format": FORMAT, "n": int(n), "seed": int(seed), "steps": int(steps), "solver": solver,
+         "batch": int(batch), "record": bool(record), "shape": [int(v) for v in denoiser.shape],
+         "denoiser": type(denoiser).__name__}
+    s.update(meta or {})
+    return s
+
+
+def _jsonable(v):
+    return [_jsonable(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _create(out: Path, settings: dict, shape, n_batches: int) -> None:
+    """Make the empty group under a temporary name and rename it into place (another process that
+    got there first wins; its group is then checked like any existing one)."""
+    import zarr
+    from .schedule import karras_grid
+
+    n, steps, batch = settings["n"], settings["steps"], settings["batch"]
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.create_array("samples", shape=(n, *shape), dtype="float32", chunks=(batch, *shape), fill_value=0)
+        if settings["record"]:
+            root.create_array("ts", data=karras_grid(steps).numpy())
+            for name in ("z", "denoised"):
+                root.create_array(name, shape=(steps, n, *shape), dtype="float32",
+                                  chunks=(steps, batch, *shape), fill_value=0)
+        root.create_array("done", shape=(n_batches,), dtype="uint8", chunks=(1,), fill_value=0)
+        root.attrs.update({k: _jsonable(v) for k, v in settings.items()})
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not out.exists():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_checked(out: Path, settings: dict):
+    """Open an existing sample group and check its settings match; UserError (one line) if not."""
+    import zarr
+
+    try:
+        root = zarr.open_group(str(out), mode="r+")
+        attrs = dict(root.attrs)
+    except Exception as e:
+        raise UserError(f"{out}: exists and is not a readable zarr group ({type(e).__name__})") from None
+    if attrs.get("format") != FORMAT or "done" not in root:
+        raise UserError(f"{out}: exists and is not a resumable sample run; remove it or choose another --out")
+    want = {k: _jsonable(v) for k, v in settings.items()}
+    diff = [k for k in sorted(set(want) | set(attrs)) if attrs.get(k) != want.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{out}: was started with different settings ({k}={attrs.get(k)!r}, now {want.get(k)!r}); "
+                        "rerun with the same arguments or choose another --out")
+    return root
+
+
+def sample_to_zarr(denoiser, out_path, n: int, seed: int, steps: int = 18, solver: str = "euler",
+                   batch: int = 64, record: bool = False, progress: bool = True, rank: int | None = None,
+                   world: int | None = None, meta: dict | None = None):
+    """Draw samples 0..n-1 of the run seeded `seed` into a resumable zarr group at `out_path`.
+
+    Process `rank` of `world` takes batches b with b % world == rank (rank/world default to the
+    torch.distributed group if one is initialized, else 0/1). Batches already flagged done are skipped.
+    Returns all samples as float32 numpy [N, C, H, W] once every batch is done, else None."""
+    from tqdm import tqdm
+    from .sampler import initial_noise, pf_ode_sample
+
+    if n <= 0 or batch <= 0 or steps < 2:
+        raise UserError(f"need n > 0, batch > 0 and steps >= 2, got n={n}, batch={batch}, steps={steps}")
+    if solver not in ("euler", "heun"):
+        raise UserError(f"unknown solver {solver!r}; use euler or heun")
+    dist = _dist()
+    if rank is None:
+        rank = dist.get_rank() if dist else 0
+    if world is None:
+        world = dist.get_world_size() if dist else 1
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    out = Path(out_path)
+    shape = tuple(int(v) for v in denoiser.shape)
+    settings = _settings(denoiser, n, seed, steps, solver, batch, record, meta)
+    n_batches = -(-n // batch)
+
+    # 1. rank 0 creates (or checks) the group; the others wait, then open it
+    err = None
+    if rank == 0 or dist is None:
+        try:
+            if not out.exists():
+                _create(out, settings, shape, n_batches)
+            _open_checked(out, settings)
+        except UserError as e:
+            err = str(e)
+    if dist is not None:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise UserError(err)
+    root = _open_checked(out, settings)
+
+    # 2. this process's batches that are not done yet, written as they finish, flag after data
+    done = np.asarray(root["done"][...])
+    mine = [b for b in range(rank, n_batches, world)]
+    todo = [b for b in mine if not done[b]]
+    size = lambda b: min(batch, n - b * batch)  # noqa: E731
+    bar = tqdm(total=sum(size(b) for b in mine), initial=sum(size(b) for b in mine if done[b]), unit="img",
+               disable=not progress, file=sys.stderr, desc=f"rank {rank}" if world > 1 else None,
+               dynamic_ncols=True)
+    device = getattr(denoiser, "device", "cpu")
+    try:
+        for b in todo:
+            lo, hi = b * batch, b * batch + size(b)
+            z = initial_noise(seed, range(lo, hi), shape).to(device)
+            res = pf_ode_sample(denoiser, z, steps, solver, record)
+            x = res[0] if record else res
+            root["samples"][lo:hi] = x.detach().cpu().numpy().astype(np.float32)
+            if record:
+                root["z"][:, lo:hi] = res[1].z.numpy().astype(np.float32)
+                root["denoised"][:, lo:hi] = res[1].denoised.numpy().astype(np.float32)
+            root["done"][b] = 1
+            bar.update(hi - lo)
+    finally:
+        bar.close()
+
+    # 3. everyone finished -> the full result (each rank may read it; rank 0 writes pictures)
+    if dist is not None:
+        dist.barrier()
+    if not np.asarray(root["done"][...]).all():
+        return None
+    return np.asarray(root["samples"][...])
