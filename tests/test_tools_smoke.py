@@ -1,0 +1,31 @@
+"""Tiny smoke runs of the benchmark and evaluation tools (the real runs are documented in README/docs)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tool(*args, timeout=240):
+    res = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_bench_exact_quick():
+    out = json.loads(run_tool("tools/bench_exact.py", "--quick", "--sizes", "3,12"))
+    assert all(r["max_abs_diff"] < 1e-5 for r in out["rows"])
+
+
+def test_attribution_check_tiny():
+    out = json.loads(run_tool("tools/attribution_check.py", "--n-data", 40, "--samples", 2, "--subsets", 2,
+                              "--steps", 4))
+    assert out["samples"] == 2 and out["mse_change_top"] >= 0
+
+
+def test_evaluate_quick(tmp_path):
+    run_tool("tools/evaluate.py", "--quick", "--out", tmp_path)
+    assert (tmp_path / "results.md").exists()
