@@ -223,7 +223,7 @@ def attribution_panel(path, query_image, top_images, top_maps, shares) -> None:
             ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
             mp = maps[r, j]
             ax.imshow(mp, cmap="inferno", alpha=0.55, vmin=0, vmax=max(float(mp.max()), 1e-12))
-            ax.set_title(f"{sh[r, j]:.3f}", fontsize=8)
+            ax.set_title(f"share {sh[r, j]:.2g}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
