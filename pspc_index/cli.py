@@ -97,6 +97,14 @@ def retrieval_opts(f):
     return wrapper
 
 
+def denoiser_options(f):
+    """Every option that chooses and configures a denoiser (denoise and sample share them)."""
+    for opt in reversed([denoiser_opt, patch_opt, schedule_opt, xflip_opt, network_opt, heatmaps_opt, device_opt,
+                         retrieval_opts]):
+        f = opt(f)
+    return f
+
+
 def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
                    heatmaps_path=None, device="cpu", retrieval: dict | None = None):
     """Open the store and make the named denoiser (the API the CLI shells over)."""
@@ -182,14 +190,7 @@ def info(store_path, as_json):
               help="Without --z: draw this many forward-process z = x + t eps from the store.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy.")
-@denoiser_opt
-@patch_opt
-@schedule_opt
-@xflip_opt
-@network_opt
-@heatmaps_opt
-@device_opt
-@retrieval_opts
+@denoiser_options
 @user_errors
 def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule, xflip, network_path,
             heatmaps_path, device, retrieval):
@@ -273,14 +274,7 @@ def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> No
 @click.option("--sampler", "solver", type=click.Choice(["euler", "heun"]), default="euler", show_default=True)
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--record", is_flag=True, help="Also keep the trajectory (z and D at every step).")
-@denoiser_opt
-@patch_opt
-@schedule_opt
-@xflip_opt
-@network_opt
-@heatmaps_opt
-@device_opt
-@retrieval_opts
+@denoiser_options
 @user_errors
 def sample(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule, xflip,
            network_path, heatmaps_path, device, retrieval):
