@@ -29,3 +29,9 @@ def test_attribution_check_tiny():
 def test_evaluate_quick(tmp_path):
     run_tool("tools/evaluate.py", "--quick", "--out", tmp_path)
     assert (tmp_path / "results.md").exists()
+
+
+def test_bench_index_tiny():
+    out = json.loads(run_tool("tools/bench_index.py", "--n-data", 100, "--batch", 2, "--k", 16, "--m", 32,
+                              "--sizes", 3))
+    assert len(out["rows"]) == 2 and all(r["mse_vs_exact"] < 0.1 for r in out["rows"])
