@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .store import TrainingSet, atomic_dir, commit_dir
+from .store import TrainingSet, atomic_dir, commit_dir, read_group
 
 FORMAT = "pspc-index-heatmaps"
 FORMAT_VERSION = 1
@@ -101,19 +101,8 @@ def write_heatmaps(path: str | os.PathLike, heatmaps: torch.Tensor, ts, meta: di
 
 def read_heatmaps(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(heatmaps float32 [L, H, W, H, W], ts float64 [L], metadata) from `write_heatmaps`' output."""
-    import zarr
-
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: heatmaps not found")
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        meta = dict(root.attrs)
-        heatmaps = torch.from_numpy(root["heatmaps"][...]) if meta.get("format") == FORMAT else None
-    except Exception as e:  # zarr raises many types for damaged stores
-        raise UserError(f"{path}: not readable heatmaps ({type(e).__name__}: {e})") from None
-    if heatmaps is None:
-        raise UserError(f"{path}: not a {FORMAT} group")
+    meta, heatmaps = read_group(path, "heatmaps group", FORMAT, lambda root: torch.from_numpy(root["heatmaps"][...]))
     ts = torch.tensor(meta.get("ts", []), dtype=torch.float64)
     if heatmaps.ndim != 5 or heatmaps.shape[1:3] != heatmaps.shape[3:5] or len(ts) != heatmaps.shape[0]:
         raise UserError(f"{path}: heatmaps {list(heatmaps.shape)} do not match {len(ts)} t values")

@@ -86,6 +86,26 @@ def write_store(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray 
     return ImageStore.open(path)
 
 
+def read_group(path: str | os.PathLike, what: str, fmt: str, read):
+    """(attributes, read(root)) of a zarr group this package wrote with attrs["format"] == fmt; a missing,
+    damaged or foreign group is a one-line UserError naming `what`."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        meta = dict(root.attrs)
+        if meta.get("format") != fmt:
+            raise UserError(f"{path}: not a {what} (no {fmt} metadata)")
+        return meta, read(root)
+    except UserError:
+        raise
+    except Exception as e:  # zarr raises many types for damaged groups
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+
+
 @dataclass
 class ImageStore:
     """An opened store: uint8 images [N, C, H, W] (loaded into memory), labels, metadata."""
@@ -97,23 +117,12 @@ class ImageStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ImageStore":
-        import zarr
-
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"{path}: store not found")
-        try:
-            root = zarr.open_group(str(path), mode="r")
-            meta = dict(root.attrs)
-            images = np.asarray(root["images"][...])
+        def arrays(root):
             labels = np.asarray(root["labels"][...]) if "labels" in root else None
-        except UserError:
-            raise
-        except Exception as e:  # zarr raises many types for damaged stores
-            raise UserError(f"{path}: not a readable pspc-index store ({type(e).__name__}: {e})") from None
-        if meta.get("format") != "pspc-index-store":
-            raise UserError(f"{path}: not a pspc-index store (no store metadata)")
-        return cls(path=path, images=images, labels=labels, meta=meta)
+            return np.asarray(root["images"][...]), labels
+
+        meta, (images, labels) = read_group(path, "pspc-index store", "pspc-index-store", arrays)
+        return cls(path=Path(path), images=images, labels=labels, meta=meta)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -40,6 +40,16 @@ def mse(a, b):
     return ((a.double() - b.double()) ** 2).flatten(1).mean(1)
 
 
+
+def mse_row(outs: dict, net: torch.Tensor, **fields) -> dict:
+    """One table row: per denoiser, mean MSE against the network and its standard error over z."""
+    row = dict(fields)
+    for k in DEN_NAMES:
+        m = mse(outs[k], net)
+        row[k] = m.mean().item()
+        row[k + "_se"] = (m.std() / math.sqrt(len(m))).item()
+    return row
+
 class Eval:
     def __init__(self, args):
         self.args = args
@@ -104,12 +114,7 @@ class Eval:
             else:
                 outs["pspc-square"] = self.dens["pspc-square"](z, t)
             outs["pspc-flex"] = self.dens["pspc-flex"](z, t)
-            row = dict(i=i, t=t, s=s_t, lam=float(self.sched.lambdas[i]),
-                       net_vs_x0=None)
-            for k in DEN_NAMES:
-                m = mse(outs[k], net)
-                row[k] = m.mean().item()
-                row[k + "_se"] = (m.std() / math.sqrt(len(m))).item()
+            row = mse_row(outs, net, i=i, t=t, s=s_t, lam=float(self.sched.lambdas[i]), net_vs_x0=None)
             rows.append(row)
             print(f"[fwd] t={t:.4g} " + " ".join(f"{k}={row[k]:.4g}" for k in DEN_NAMES), flush=True)
         self.res["forward"] = rows
@@ -139,11 +144,7 @@ class Eval:
             else:
                 outs["pspc-square"] = self.dens["pspc-square"](z, t)
             outs["pspc-flex"] = self.dens["pspc-flex"](z, t)
-            row = dict(i=i, t=t, s=s_t, lam=lam)
-            for k in DEN_NAMES:
-                m = mse(outs[k], net)
-                row[k] = m.mean().item()
-                row[k + "_se"] = (m.std() / math.sqrt(len(m))).item()
+            row = mse_row(outs, net, i=i, t=t, s=s_t, lam=lam)
             rows.append(row)
             print(f"[rev] t={t:.4g} " + " ".join(f"{k}={row[k]:.4g}" for k in DEN_NAMES), flush=True)
         self.res["reverse"] = rows
