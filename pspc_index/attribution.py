@@ -3,12 +3,15 @@
 The PSPC composite is a per-pixel convex combination of training pixels,
     D[c, p] = sum_i a_i[p] x_i[c, p],   sum_i a_i[p] = 1 at every pixel p,
 so each (virtual) training image i has an exact *map* a_i[.] and a *share* sum_p a_i[p] / (H W) of the
-output (shares sum to 1 per query). Both come from `composite_mean`'s `on_weights` callback, in the
+output (shares sum to 1 per query). Both come from the denoiser's weights callback, in the
 same streaming passes that compute the denoiser output: memory stays bounded for any N (shares are
-[B, N_virtual] float64; maps are kept only for the top-m images, with a running top-m over chunks).
+[B, N_virtual] float64; maps are kept only for the top-m images, found in a second evaluation).
 
-Patch size s = H (the optimal denoiser) is evaluated as the composite over the single full-image crop,
-which equals `empirical_mean` and exposes the weights.
+The weights are the denoiser's own (`patch_mean(..., on_weights)`): the exact path reports every image
+(s = H as the composite over the single full-image crop, which equals `empirical_mean`), the retrieval
+path only its candidates and tail draws, so attribution there costs what a retrieval call costs. With
+`--tail sample`, a tail draw carries its importance weight N/m: its share estimates the mass of the
+images it stands for, not its own. `--tail none` (pure top-k) is the sparse, per-image choice.
 
 Trajectory attribution (a recorded PF-ODE sample) aggregates per-step shares with `euler_weights`;
 see that function for the weighting and its derivation.
@@ -22,8 +25,6 @@ import torch
 
 from .denoisers import PSPCSquare, as_t
 from .errors import UserError
-from .geometry import MaskCrops, SquareCrops
-from .posterior import composite_mean
 
 
 class TopMaps(NamedTuple):
@@ -33,19 +34,14 @@ class TopMaps(NamedTuple):
     maps: torch.Tensor
 
 
-def _crops(h: int, w: int, s: int):
-    if s >= max(h, w):
-        return MaskCrops(torch.ones(1, h, w, dtype=torch.bool))  # one crop: the whole image (empirical)
-    return SquareCrops(h, w, s)
-
-
 def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None = None,
-                     ids: torch.Tensor | None = None, dtype=torch.float32):
+                     ids: torch.Tensor | None = None):
     """Shares [B, Nv] float64 of every virtual training image in D(z, t), and per-pixel maps.
 
-    top: keep maps of the top-m images per query (running top-m, one composite evaluation) ->
-    TopMaps. ids [B, m]: keep maps of these virtual ids instead (e.g. chosen from aggregated shares).
-    Neither: maps is None. `dtype` is the composite's compute type (float32 as the denoiser).
+    top: maps of the top-m images per query -> TopMaps (a second evaluation, once the shares are
+    known). ids [B, m]: maps of these virtual ids instead (e.g. chosen from aggregated shares).
+    Neither: maps is None. The weights come from the denoiser's own evaluation: dense over all images
+    on the exact path, sparse (k candidates + tail ids) on the retrieval path, so cost follows k.
     """
     if not isinstance(denoiser, PSPCSquare):
         raise UserError(f"attribution needs the pspc-square denoiser, got {getattr(denoiser, 'name', denoiser)}")
@@ -57,52 +53,41 @@ def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None =
         raise UserError(f"z has shape {list(z.shape)}, expected [B, {', '.join(map(str, data.shape))}]")
     if not torch.isfinite(z).all():
         raise UserError("z contains NaN or Inf")
-    b, (_, h, w), nv = z.shape[0], data.shape, len(data)
     if top is not None and top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    m = min(top, nv) if top is not None else (ids.shape[1] if ids is not None else 0)
+    b, (_, h, w), nv = z.shape[0], data.shape, len(data)
     tt = as_t(t, b)
     z = z.to(data.device, torch.float32)
-    shares = torch.zeros(b, nv, dtype=torch.float64)
-    keep = ids is not None or top is not None
-    out_ids = ids.clone().long().cpu() if ids is not None else torch.zeros(b, m, dtype=torch.long)
-    out_maps = torch.zeros(b, m, h, w, dtype=torch.float64)
     sizes = denoiser.sizes(tt)
-    for s in sizes.unique().tolist():
-        sel = (sizes == s).nonzero().flatten()
-        state = {"vals": None, "ids": None, "maps": None}
 
-        def on_weights(start, a, sel=sel, state=state):
-            a = a.to(torch.float64).cpu()
-            n = a.shape[1]
-            sh = a.sum((2, 3)) / (h * w)
-            shares[sel, start:start + n] = sh
-            if ids is not None:
-                # maps of the requested ids that fall in this chunk
-                rel = out_ids[sel] - start
-                hit = (rel >= 0) & (rel < n)
-                if hit.any():
-                    q, j = hit.nonzero(as_tuple=True)
-                    out_maps[sel[q], j] = a[q, rel[q, j]]
-            elif top is not None:
-                # running top-m; candidates ordered (kept, then this chunk), all kept ids < start, so a
-                # stable descending sort keeps ties in ascending id order, as the final ranking does
-                cid = torch.arange(start, start + n).expand(len(sel), n)
-                vals, cids, maps = sh, cid, a
-                if state["vals"] is not None:
-                    vals = torch.cat([state["vals"], sh], 1)
-                    cids = torch.cat([state["ids"], cid], 1)
-                    maps = torch.cat([state["maps"], a], 1)
-                order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :m]
-                state["vals"] = vals.gather(1, order)
-                state["ids"] = cids.gather(1, order)
-                state["maps"] = maps[torch.arange(len(sel))[:, None], order]
+    def evaluate(keep: torch.Tensor | None):
+        """One evaluation of D(z, t): shares of every image, and the maps of the ids `keep` [B, m]."""
+        shares = torch.zeros(b, nv, dtype=torch.float64)
+        maps = None if keep is None else torch.zeros(b, keep.shape[1], h, w, dtype=torch.float64)
+        for s in sizes.unique().tolist():
+            sel = (sizes == s).nonzero().flatten()
 
-        composite_mean(z[sel.to(z.device)], tt[sel], data, _crops(h, w, int(s)), dtype=dtype,
-                       on_weights=on_weights)
-        if top is not None:
-            out_ids[sel], out_maps[sel] = state["ids"], state["maps"]
-    return shares, (TopMaps(out_ids, out_maps) if keep else None)
+            def on_weights(rows, pid, a, win, sel=sel):
+                r, pid, a = sel[rows], pid.cpu(), a.to(torch.float64).cpu()
+                # ids may repeat (tail draws): scatter-add sums their terms
+                shares[r] = shares[r].scatter_add(1, pid, a.sum((2, 3)) / (h * w))
+                if keep is not None:
+                    r0, r1, c0, c1 = win
+                    hit = (pid[:, :, None] == keep[r][:, None, :]).to(torch.float64)  # [r, n, m]
+                    maps[r, :, r0:r1, c0:c1] += torch.einsum("rnm,rnhw->rmhw", hit, a)
+
+            denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_weights)
+        return shares, maps
+
+    if ids is not None:
+        keep = ids.clone().long().cpu()
+        shares, maps = evaluate(keep)
+        return shares, TopMaps(keep, maps)
+    shares, _ = evaluate(None)
+    if top is None:
+        return shares, None
+    keep = top_ids(shares, top)
+    return shares, TopMaps(keep, evaluate(keep)[1])
 
 
 def top_ids(shares: torch.Tensor, m: int) -> torch.Tensor:

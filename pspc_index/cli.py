@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .index import KINDS
 
 DENOISERS = ("empirical", "gaussian", "cfdm", "pspc-square", "pspc-flex", "network")
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -79,19 +80,24 @@ device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), defaul
 
 
 def retrieval_opts(f):
-    """--index BUNDLE --k --tail --m --tol, passed to the command as one `retrieval` dict."""
+    """--index BUNDLE --k --tail --m --nprobe --tol, passed to the command as one `retrieval` dict."""
     @functools.wraps(f)
-    def wrapper(*args, index_path, k, tail, m, tol, **kwargs):
-        return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "tol": tol}, **kwargs)
+    def wrapper(*args, index_path, k, tail, m, nprobe, tol, **kwargs):
+        return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "nprobe": nprobe,
+                                   "tol": tol}, **kwargs)
     for opt in reversed([
         click.option("--index", "index_path", type=click.Path(), default=None,
                      help="Index bundle (from `build`): retrieval PSPC-Square instead of the exact engine."),
         click.option("--k", "k", type=int, default=1024, show_default=True, help="Candidates per query and block."),
-        click.option("--tail", type=click.Choice(["sample", "none"]), default="sample", show_default=True,
-                     help="Uniform tail sample beyond the top k (unbiased normaliser), or none."),
-        click.option("--m", "m", type=int, default=4096, show_default=True, help="Tail sample size."),
+        click.option("--tail", type=click.Choice(["sample", "none"]), default=None,
+                     help="Uniform tail sample beyond the top k (unbiased normaliser), or none "
+                          "[default: sample; none for attribute]."),
+        click.option("--m", "--tail-size", "m", type=int, default=4096, show_default=True,
+                     help="Tail sample size (under torchrun write --tail-size: torchrun reads --m as its own)."),
+        click.option("--nprobe", type=int, default=None, help="IVF cells searched (default: the bundle's, nlist/8)."),
         click.option("--tol", type=float, default=None,
-                     help="Exact fallback for a patch size whose eps_bar (tail none) or tail error exceeds this."),
+                     help="Grow k and m (x4, x16), then fall back to exact, until eps_bar (tail none) or the "
+                          "tail's relative SE is below this."),
     ]):
         wrapper = opt(wrapper)
     return wrapper
@@ -106,7 +112,7 @@ def denoiser_options(f):
 
 
 def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
-                   heatmaps_path=None, device="cpu", retrieval: dict | None = None):
+                   heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tail: str = "sample"):
     """Open the store and make the named denoiser (the API the CLI shells over)."""
     from . import denoisers as dn
     from .schedule import get_schedule
@@ -123,8 +129,9 @@ def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=N
         if denoiser != "pspc-square":
             raise UserError(f"--index works with --denoiser pspc-square, not {denoiser}")
         bundle = open_bundle(retrieval["index_path"], store)
-        return RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"], m=retrieval["m"],
-                             patch_size=patch_size, schedule=sched, tol=retrieval["tol"])
+        return RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"] or default_tail,
+                             m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
+                             schedule=sched, tol=retrieval["tol"])
     if denoiser == "empirical":
         return dn.Empirical(data)
     if denoiser == "gaussian":
@@ -217,13 +224,19 @@ def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule,
 @click.argument("bundle_path", type=click.Path())
 @click.option("--patch-sizes", default=None,
               help="Comma-separated sizes, e.g. 3,5,7 (default: the schedule's sizes below full size).")
-@click.option("--index", "kind", type=click.Choice(["flat", "sq8"]), default="sq8", show_default=True)
+@click.option("--index", "kind", type=click.Choice(KINDS), default="sq8", show_default=True,
+              help="FAISS index per block: exact flat, 8-bit sq8, or inverted lists (ivf-*) over k-means cells.")
 @click.option("--stride", type=int, default=4, show_default=True, help="Anchor block side (positions per index).")
+@click.option("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N)).")
+@click.option("--pq-m", type=int, default=16, show_default=True, help="ivf-pq: bytes per patch code (at most).")
+@click.option("--gpu", is_flag=True, help="Train and add on the GPU (needs faiss-gpu and CUDA).")
 @xflip_opt
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def build(store_path, bundle_path, patch_sizes, kind, stride, xflip, as_json):
-    """Build (or resume) an index bundle for STORE at BUNDLE."""
+def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, xflip, as_json):
+    """Build (or resume) an index bundle for STORE at BUNDLE; under torchrun the index files are split
+    over the processes."""
+    from .distributed import init_distributed
     from .index import build_bundle
     from .schedule import default_schedule
     from .store import ImageStore
@@ -235,10 +248,15 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, xflip, as_json):
             sizes = [int(v) for v in patch_sizes.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--patch-sizes {patch_sizes!r}: expected comma-separated integers") from None
-    man = build_bundle(store_path, bundle_path, sizes, stride=stride, kind=kind, xflip=xflip, progress=not as_json)
+    rank, world = init_distributed("cuda" if gpu else "cpu")
+    man = build_bundle(store_path, bundle_path, sizes, stride=stride, kind=kind, xflip=xflip, nlist=nlist,
+                       pq_m=pq_m, gpu=gpu, progress=not as_json, rank=rank, world=world)
+    if rank != 0:
+        return
     nbytes = sum(f["size"] for f in man["files"].values())
     rep = {"bundle": str(bundle_path), "patch_sizes": man["patch_sizes"], "kind": kind, "stride": stride,
-           "xflip": xflip, "files": len(man["files"]), "bytes": nbytes, "store_sha256": man["store_sha256"]}
+           "nlist": man["nlist"], "xflip": xflip, "files": len(man["files"]), "bytes": nbytes,
+           "store_sha256": man["store_sha256"]}
     click.echo(json.dumps(rep) if as_json else
                f"wrote {bundle_path}: {len(man['files'])} {kind} indices for s={man['patch_sizes']} ({nbytes} bytes)")
 
@@ -404,9 +422,12 @@ def demo(out_dir, n, seed, n_data):
 @patch_opt
 @schedule_opt
 @xflip_opt
+@retrieval_opts
 @user_errors
-def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, patch_size, schedule, xflip):
-    """Exact PSPC-Square attribution: each training image's share of D(z, t) (or of a recorded sample)."""
+def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, patch_size, schedule, xflip,
+              retrieval):
+    """PSPC-Square attribution: each training image's share of D(z, t) (or of a recorded sample), exact or,
+    with --index, over the retrieved candidates."""
     from . import attribution as at
     from .store import ImageStore
 
@@ -419,7 +440,8 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         raise UserError("--t does not apply to --trajectory (its noise levels are recorded)")
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    den = build_denoiser(store_path, "pspc-square", xflip, patch_size, schedule)
+    den = build_denoiser(store_path, "pspc-square", xflip, patch_size, schedule, retrieval=retrieval,
+                         default_tail="none")
     labels = ImageStore.open(store_path).labels
     want_maps = panel is not None
     if traj_path is not None:

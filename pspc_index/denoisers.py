@@ -114,13 +114,15 @@ class CFDM(Denoiser):
 
 class PSPCSquare(Denoiser):
     """PSPC-Square: all valid s x s crops, s = `patch_size` or the schedule's s(t) at the nearest grid t.
-    s = H is exactly the optimal denoiser (one crop, the whole image)."""
+    s = H is exactly the optimal denoiser (one crop, the whole image). `dtype`: the composite's compute
+    type (float32; float64 for oracle checks)."""
 
     name = "pspc-square"
 
-    def __init__(self, data: TrainingSet, patch_size: int | None = None, schedule: Schedule | None = None):
+    def __init__(self, data: TrainingSet, patch_size: int | None = None, schedule: Schedule | None = None,
+                 dtype=torch.float32):
         super().__init__(data)
-        self.fixed = patch_size
+        self.fixed, self.dtype = patch_size, dtype
         self.schedule = schedule or default_schedule(data.shape[1])
         if patch_size is not None:
             SquareCrops(*data.shape[1:], patch_size)  # validates the size now, not at the first call
@@ -137,11 +139,22 @@ class PSPCSquare(Denoiser):
             out[sel] = self.patch_mean(z[sel], t[sel.cpu()], int(s))
         return out
 
-    def patch_mean(self, z, t, s):
+    def patch_mean(self, z, t, s, on_weights=None):
+        """The composite of patch size s. on_weights(rows, ids [r, n], a [r, n, h, w], window) sees the
+        per-pixel weights a_i[p] of the images ids (attribution; the retrieval path calls it sparsely)."""
         h, w = self.data.shape[1:]
-        if s >= max(h, w):
-            return empirical_mean(z, t, self.data)
-        return composite_mean(z, t, self.data, SquareCrops(h, w, s))
+        if on_weights is None:
+            if s >= max(h, w):
+                return empirical_mean(z, t, self.data)
+            return composite_mean(z, t, self.data, SquareCrops(h, w, s), dtype=self.dtype)
+        # s = H as the composite over the one full-image crop, which exposes the weights
+        crops = MaskCrops(torch.ones(1, h, w, dtype=torch.bool)) if s >= max(h, w) else SquareCrops(h, w, s)
+        rows = slice(0, len(z))
+
+        def dense(start, a):
+            ids = torch.arange(start, start + a.shape[1], device=a.device).expand(len(z), -1)
+            on_weights(rows, ids, a, (0, h, 0, w))
+        return composite_mean(z, t, self.data, crops, dtype=self.dtype, on_weights=dense)
 
 
 class PSPCFlex(Denoiser):

@@ -6,6 +6,10 @@ A block's union window is the region covering all its crops: (s+stride-1)^2, cli
 Index ids are virtual training indices (flips >= N). The uint8 store stays the one copy of pixels:
 retrieval rescales nothing from FAISS, it only takes candidate ids.
 
+Kinds: flat (exact L2 search), sq8 (1 byte per dimension), ivf-flat / ivf-sq8 / ivf-pq (inverted
+lists over nlist k-means cells, searched in nprobe of them; ivf-pq stores M <= pq_m bytes per patch).
+Every kind only proposes candidates; their distances are recomputed from the store.
+
 Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block) and `manifest.json`
 (written last). Files are written under temporary names and renamed; a progress journal lets a killed
 build resume, skipping files whose checksum is recorded.
@@ -28,7 +32,8 @@ MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
 FORMAT = "pspc-index-bundle"
 FORMAT_VERSION = 1
-KINDS = ("sq8", "flat")
+KINDS = ("sq8", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
+TRAIN_MAX = 262144  # training sample of the quantizers (k-means, SQ ranges, PQ codebooks)
 
 
 def blocks(h: int, w: int, s: int, stride: int) -> list[tuple[int, int, tuple[int, int, int, int]]]:
@@ -57,28 +62,68 @@ def window_u8(data, idx: torch.Tensor, win: tuple[int, int, int, int]) -> torch.
     return out.reshape(*idx.shape, *out.shape[1:])
 
 
-def index_vectors(data, win, chunk: int = 65536) -> np.ndarray:
-    """All virtual training patches of a window as float32 [N, d] in [-1, 1]."""
-    parts = []
-    for start in range(0, len(data), chunk):
-        idx = torch.arange(start, min(start + chunk, len(data)), device=data.device)
-        parts.append((window_u8(data, idx, win).flatten(1).to(torch.float32) / 127.5 - 1).cpu().numpy())
-    return np.ascontiguousarray(np.concatenate(parts))
+def index_vectors(data, win, ids: torch.Tensor) -> np.ndarray:
+    """Virtual training patches `ids` of a window as float32 [n, d] in [-1, 1]."""
+    x = window_u8(data, ids.to(data.device), win).flatten(1).to(torch.float32) / 127.5 - 1
+    return np.ascontiguousarray(x.cpu().numpy())
 
 
-def make_index(vectors: np.ndarray, kind: str):
+def factory_spec(kind: str, d: int, n: int, nlist: int, pq_m: int) -> str:
+    """FAISS index_factory string of a kind. PQ uses the largest number of sub-quantizers <= pq_m that
+    divides d (FAISS needs d % M == 0), 8 bits each (fewer when N is under 39 training points per centroid)."""
+    if kind == "flat":
+        return "Flat"
+    if kind == "sq8":
+        return "SQ8"
+    if kind == "ivf-flat":
+        return f"IVF{nlist},Flat"
+    if kind == "ivf-sq8":
+        return f"IVF{nlist},SQ8"
+    if kind == "ivf-pq":
+        m, nbits = max(j for j in range(1, pq_m + 1) if d % j == 0), min(8, max(1, (n // 39).bit_length() - 1))
+        return f"IVF{nlist},PQ{m}x{nbits}"
+    raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+_GPU = {}
+
+
+def gpu_resources():
+    """The one StandardGpuResources shared by every GPU index of the process (faiss-gpu only)."""
     import faiss
 
-    d = vectors.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatL2(d)
-    elif kind == "sq8":
-        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit)
-        index.train(vectors)
-    else:
-        raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
-    index.add(vectors)
-    return index
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        raise UserError("--gpu needs faiss-gpu and a CUDA device (pip install -e '.[gpu]'); this faiss has none")
+    if "res" not in _GPU:
+        _GPU["res"] = faiss.StandardGpuResources()
+    return _GPU["res"]
+
+
+def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 16, gpu: bool = False,
+               chunk: int = 65536):
+    """Train (on a seeded sample of at most TRAIN_MAX patches) and fill an index over every virtual
+    training patch of a window, adding in chunks so memory stays at one chunk of float32 vectors."""
+    import faiss
+
+    n, d = len(data), data.shape[0] * (win[1] - win[0]) * (win[3] - win[2])
+    index = faiss.index_factory(d, factory_spec(kind, d, n, nlist, pq_m))
+    if gpu:
+        if kind == "sq8":
+            raise UserError("--gpu: faiss-gpu has no plain sq8 index; use flat, ivf-flat, ivf-sq8 or ivf-pq")
+        res = gpu_resources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+    if not index.is_trained:
+        rng = np.random.default_rng(np.random.SeedSequence([n, d, win[0], win[2]]))
+        sample = np.sort(rng.choice(n, TRAIN_MAX, replace=False)) if n > TRAIN_MAX else np.arange(n)
+        index.train(index_vectors(data, win, torch.from_numpy(sample)))
+    for start in range(0, n, chunk):
+        index.add(index_vectors(data, win, torch.arange(start, min(start + chunk, n))))
+    return faiss.index_gpu_to_cpu(index) if gpu else index
+
+
+def default_nlist(n: int) -> int:
+    """About 4 sqrt(N) inverted lists, and at least 39 training points per list (FAISS's minimum)."""
+    return int(max(1, min(4 * round(n ** 0.5), n // 39)))
 
 
 def file_name(s: int, by: int, bx: int) -> str:
@@ -114,9 +159,16 @@ def _versions() -> dict:
 
 
 def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "sq8",
-                 xflip: bool = True, progress: bool = True) -> dict:
-    """Build (or finish) an index bundle for a store; returns the manifest."""
+                 xflip: bool = True, nlist: int | None = None, pq_m: int = 16, gpu: bool = False,
+                 progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Build (or finish) an index bundle for a store; returns the manifest.
+
+    With world > 1 (an initialised torch.distributed group, e.g. under torchrun), process `rank` builds
+    every world-th index file; the file records are gathered and rank 0 writes the manifest.
+    Memory: one chunk of float32 training vectors (65,536 x d) plus the index being built.
+    """
     import faiss
+    from tqdm import tqdm
 
     from .store import ImageStore
 
@@ -134,42 +186,58 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
         if not 1 <= s < min(h, w):
             raise UserError(f"patch size {s} is outside 1..{min(h, w) - 1} for {h}x{w} images "
                             f"(full size is the exact empirical denoiser)")
+    if gpu:
+        gpu_resources()  # fail before any work
+    ivf = kind.startswith("ivf")
+    if ivf:
+        nlist = nlist or default_nlist(len(data))
+        if not 1 <= nlist <= len(data):
+            raise UserError(f"--nlist must be in 1..{len(data)}, got {nlist}")
     bundle = Path(bundle_path)
     bundle.mkdir(parents=True, exist_ok=True)
     params = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_sha256": store.sha256,
               "shape": list(store.shape), "xflip": xflip, "patch_sizes": sizes, "stride": stride,
-              "kind": kind, "versions": _versions()}
-    # resume: files recorded (by a finished manifest or the progress journal) under the same parameters
+              "kind": kind, "nlist": nlist if ivf else None, "pq_m": pq_m if kind == "ivf-pq" else None,
+              "nprobe": max(1, nlist // 8) if ivf else None, "versions": _versions()}
+    # resume: files recorded (by a finished manifest or the progress journals) under the same parameters
     done: dict[str, dict] = {}
-    for name in (MANIFEST, PROGRESS):
+    for name in [MANIFEST, PROGRESS] + [f".progress-{r}.json" for r in range(world)]:
         try:
             old = json.loads((bundle / name).read_text())
         except (OSError, ValueError):
             continue
         if {k: old.get(k) for k in params} == params:
             done.update(old.get("files", {}))
+    journal = bundle / (PROGRESS if world == 1 else f".progress-{rank}.json")
     files: dict[str, dict] = {}
     jobs = [(s, by, bx, win) for s in sizes for by, bx, win in blocks(h, w, s, stride)]
-    for i, (s, by, bx, win) in enumerate(jobs):
+    for i, (s, by, bx, win) in enumerate(tqdm(jobs, unit="index", disable=not progress, file=sys.stderr)):
         name = file_name(s, by, bx)
         path = bundle / name
         rec = done.get(name)
         if rec and path.exists() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
             files[name] = rec
-        else:
-            index = make_index(index_vectors(data, win), kind)
+        elif i % world == rank:
+            index = make_index(data, win, kind, nlist or 0, pq_m, gpu)
             raw = faiss.serialize_index(index).tobytes()
             _write_atomic(path, raw)
             files[name] = {"s": s, "block": [by, bx], "window": list(win), "size": len(raw),
                            "sha256": hashlib.sha256(raw).hexdigest()}
-            _write_json(bundle / PROGRESS, {**params, "files": {**done, **files}})
-        if progress:
-            print(f"\r[{i + 1}/{len(jobs)}] s={s} block ({by},{bx})", end="", flush=True, file=sys.stderr)
-    if progress:
-        print(flush=True, file=sys.stderr)
+            _write_json(journal, {**params, "files": {**done, **files}})
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world
+        dist.all_gather_object(parts, files)
+        files = {k: v for part in parts for k, v in part.items()}
     manifest = {**params, "files": dict(sorted(files.items()))}
-    _write_json(bundle / MANIFEST, manifest)
-    (bundle / PROGRESS).unlink(missing_ok=True)
+    if rank == 0:
+        # the manifest is written last: a bundle without one is unfinished
+        _write_json(bundle / MANIFEST, manifest)
+        for f in bundle.glob(".progress*.json"):
+            f.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
     return manifest
 
 
@@ -207,6 +275,17 @@ class Bundle:
                 raise UserError(f"{self.path / name}: checksum mismatch (file changed since the bundle was opened)")
             self._cache[name] = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
         return self._cache[name]
+
+    def search(self, s: int, by: int, bx: int, queries: torch.Tensor, k: int, nprobe: int | None = None):
+        """Candidate ids [B, k] (int64, -1 where an IVF probe found fewer than k) for window queries [B, d].
+        FAISS distances are dropped: candidates are rescored from the store."""
+        import faiss
+
+        index = self.index(s, by, bx)
+        if self.kind.startswith("ivf"):
+            faiss.extract_index_ivf(index).nprobe = int(nprobe or self.manifest["nprobe"])
+        _, ids = index.search(np.ascontiguousarray(queries.to(torch.float32).cpu().numpy()), k)
+        return torch.from_numpy(ids)
 
 
 def open_bundle(path, store) -> Bundle:

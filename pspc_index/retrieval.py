@@ -1,20 +1,24 @@
 """PSPC-Square with retrieval (DESIGN.md section 2): top-k candidates from an index bundle, rescored
 exactly from the uint8 store, plus an optional uniform tail sample (Niedoba et al. 2024).
 
-Per s and anchor block: one FAISS search on the block's union-window query patch gives k candidate ids
-per query. For every position of the block, the candidates' exact squared distances (direct
-differences of the stored uint8 pixels; FAISS distances never enter the softmax) are folded into the
-position's OnlineSoftmax with weight 1; with tail="sample", m ids drawn uniformly (with replacement)
-from all N, seeded by (seed, s, position) and shared by all queries, enter with weight N/m, their terms
-zeroed where the id is one of the query's candidates: an unbiased estimate of the rest's normaliser.
+Per s and anchor block (stride x stride positions sharing one union-window index), all at once:
+  1. one FAISS search of the block's window gives k candidate ids per query;
+  2. their exact crop logits at every position of the block, from the stored uint8 pixels (direct
+     differences and box sums; FAISS distances never enter the softmax);
+  3. with tail="sample", m ids drawn uniformly (with replacement) from all N, seeded by (seed, s, block)
+     and shared by the block's positions and queries, enter with weight N/m, their terms zeroed where
+     the id is one of the query's candidates: an unbiased estimate of the rest of each normaliser;
+  4. one OnlineSoftmax per position over both parts, its normalised weights spread over the crop's
+     pixels and divided by the (global) coverage: per-pixel weights a_i[p] that sum to one at every
+     pixel, and the composite sum_i a_i[p] x_i[p] in the window.
 
-Report (`last_report[s]`): eps_bar = (N-k) e^{l_k} / (Z_k + (N-k) e^{l_k}) per query and position
-from the top-k part. It bounds the neglected mass only if the k are the true k nearest of that
-position; that holds for a flat index with stride 1 ("certified": True). With union windows
-(stride > 1) or sq8 codes the candidates are the nearest by another distance, so eps_bar is an estimate,
-not a certificate. With tail="sample", rel_se is the estimated relative standard error of the
-normaliser estimate (0 when m >= N: then the tail is every image, exactly); log_z is the log of the
-normaliser used (max-shifted logits as in OnlineSoftmax, i.e. log sum of e^{-d/2t^2}).
+Report (`last_report[s]`): eps_bar = (N-k) e^{l_k} / (Z_k + (N-k) e^{l_k}) per query and position from
+the top-k part. It bounds the neglected mass only if the k are the true k nearest of that position;
+that holds for a flat index with stride 1 ("certified": True). With union windows (stride > 1), sq8 or
+PQ codes, or IVF with nprobe < nlist, the candidates are the nearest by another distance, so eps_bar is
+an estimate, not a certificate. With tail="sample", rel_se is the estimated relative standard error of
+the normaliser estimate (0 when m >= N: then the tail is every image, exactly); log_z is the log of
+the normaliser used (log sum of e^{-d/2t^2}).
 """
 from __future__ import annotations
 
@@ -27,9 +31,25 @@ from .denoisers import PSPCSquare
 from .errors import UserError
 from .geometry import SquareCrops
 from .index import Bundle, blocks, window_u8
-from .posterior import OnlineSoftmax, composite_mean, empirical_mean
+from .posterior import CHUNK_ELEMENTS, OnlineSoftmax
 from .schedule import Schedule
 from .store import TrainingSet
+
+TOL_GROWTH = (1, 4, 16)  # --tol: k and m multipliers tried before the exact fallback
+
+
+def crop_logits(zw: torch.Tensor, x: torch.Tensor, crops: SquareCrops, inv2t2: torch.Tensor) -> torch.Tensor:
+    """-||z_C - x_C||^2 / 2t^2 of every crop C of a window: zw [B, C, h, w], x [B or 1, n, C, h, w]
+    -> [B, n, K] float64, by direct differences (no norm expansion) and box sums."""
+    sq = ((x - zw[:, None]) ** 2).sum(2)
+    return -crops.crop_sums(sq).to(torch.float64) * inv2t2[:, None, None]
+
+
+def isin_rows(ids: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """[B, m] bool: probe[j] is among ids[b] (ids [B, k], probe [m]), by sorting and binary search."""
+    srt = ids.sort(1).values
+    pos = torch.searchsorted(srt, probe.expand(len(ids), -1).contiguous()).clamp(max=ids.shape[1] - 1)
+    return srt.gather(1, pos) == probe[None]
 
 
 class RetrievalPSPC(PSPCSquare):
@@ -37,108 +57,128 @@ class RetrievalPSPC(PSPCSquare):
 
     def __init__(self, data: TrainingSet, bundle: Bundle, k: int = 1024, tail: str = "sample", m: int = 4096,
                  seed: int = 0, patch_size: int | None = None, schedule: Schedule | None = None,
-                 tol: float | None = None, dtype=torch.float32):
-        super().__init__(data, patch_size=patch_size, schedule=schedule)
+                 tol: float | None = None, nprobe: int | None = None, dtype=torch.float32):
+        super().__init__(data, patch_size=patch_size, schedule=schedule, dtype=dtype)
         if tail not in ("sample", "none"):
             raise UserError(f"--tail must be 'sample' or 'none', got {tail!r}")
-        if k < 1 or m < 1:
-            raise UserError(f"k and m must be >= 1, got k={k}, m={m}")
+        if k < 1 or m < 1 or (nprobe is not None and nprobe < 1):
+            raise UserError(f"k, m and nprobe must be >= 1, got k={k}, m={m}, nprobe={nprobe}")
         if list(bundle.manifest["shape"][1:]) != list(data.shape) or bundle.xflip != data.xflip:
             raise UserError(f"{bundle.path}: built for {bundle.manifest['shape']} with xflip={bundle.xflip}, "
                             f"the training set is {list(data.shape)} with xflip={data.xflip}")
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
-        self.dtype = dtype
+        self.nprobe = nprobe
         self.certified = bundle.kind == "flat" and bundle.stride == 1
         self.last_report: dict[int, dict] = {}
-        self._tail_ids: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._tail_ids: dict[tuple, torch.Tensor] = {}
 
     def denoise(self, z, t):
         self.last_report = {}
         return super().denoise(z, t)
 
-    def patch_mean(self, z, t, s):
-        h, w = self.data.shape[1:]
-        if s >= max(h, w):
-            return empirical_mean(z, t, self.data)
-        if s not in self.bundle.patch_sizes:
-            self.last_report[s] = {"path": "exact (s not in bundle)"}
-            return composite_mean(z, t, self.data, SquareCrops(h, w, s))
-        out, rep = self.retrieve(z, t, s)
-        bad = rep["eps_bar"].max().item() if self.tail == "none" else rep["rel_se"].max().item()
-        if self.tol is not None and bad > self.tol:
-            rep["path"] = f"exact (fallback: {'eps_bar' if self.tail == 'none' else 'rel_se'} {bad:.3g} > tol)"
-            out = composite_mean(z, t, self.data, SquareCrops(h, w, s))
-        self.last_report[s] = rep
-        return out
+    def error(self, rep: dict) -> float:
+        """What --tol is compared with: the largest eps_bar (tail none) or tail relative SE (sample)."""
+        return float((rep["eps_bar"] if self.tail == "none" else rep["rel_se"]).max())
 
-    def tail_ids(self, s: int, py: int, px: int) -> torch.Tensor:
-        """The position's m uniform ids, seeded by (seed, s, position): the same for every query."""
-        key = (s, py, px)
+    def patch_mean(self, z, t, s, on_weights=None):
+        h, w = self.data.shape[1:]
+        if s >= max(h, w) or s not in self.bundle.patch_sizes:
+            self.last_report[s] = {"path": "exact" if s >= max(h, w) else "exact (s not in bundle)"}
+            return super().patch_mean(z, t, s, on_weights)
+        # --tol: grow k and m until the reported error is below it, else the exact composite. The weights
+        # callback sees only the accepted evaluation (replayed: retrieval is deterministic).
+        growth = TOL_GROWTH if self.tol is not None else (1,)
+        for g in growth:
+            k, m = self.k * g, self.m * g
+            out, rep = self.retrieve(z, t, s, k, m, None if self.tol is not None else on_weights)
+            if self.tol is None or self.error(rep) <= self.tol:
+                if self.tol is not None and on_weights is not None:
+                    self.retrieve(z, t, s, k, m, on_weights)
+                self.last_report[s] = rep
+                return out
+        self.last_report[s] = {"path": f"exact (fallback: error {self.error(rep):.3g} > tol at k={k}, m={m})"}
+        return super().patch_mean(z, t, s, on_weights)
+
+    def tail_ids(self, s: int, by: int, bx: int, m: int) -> torch.Tensor:
+        """The block's m uniform ids, seeded by (seed, s, block): the same for every query."""
+        key = (s, by, bx, m)
         if key not in self._tail_ids:
-            state = np.random.SeedSequence([self.seed, s, py, px]).generate_state(2)
+            state = np.random.SeedSequence([self.seed, s, by, bx]).generate_state(2)
             g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
             n = len(self.data)
-            ids = torch.arange(n) if self.m >= n else torch.randint(0, n, (self.m,), generator=g)
+            ids = torch.arange(n) if m >= n else torch.randint(0, n, (m,), generator=g)
             self._tail_ids[key] = ids.to(self.device)
         return self._tail_ids[key]
 
-    def retrieve(self, z, t, s):
+    def retrieve(self, z, t, s, k, m, on_weights=None):
+        """Composite of patch size s from the bundle -> (output [B, C, H, W], report).
+        on_weights(rows, ids [r, n], a [r, n, h, w], window) sees the per-pixel weights (attribution)."""
         c, h, w = self.data.shape
-        n, b, dt = len(self.data), z.shape[0], self.dtype
-        k = min(self.k, n)
+        n, b, dt, dev = len(self.data), z.shape[0], self.dtype, z.device
+        k = min(k, n)
+        tail = self.tail == "sample" and k < n
+        exact_tail = m >= n
         crops = SquareCrops(h, w, s)
         gh, gw = crops.grid
-        inv2t2 = (1 / (2 * t.to(torch.float64) ** 2)).to(self.device)[:, None]  # [B, 1]
-        acc = torch.zeros(b, c, h, w, dtype=torch.float64, device=z.device)
-        eps_bar = torch.zeros(b, gh, gw, dtype=torch.float64)
-        rel_se = torch.zeros(b, gh, gw, dtype=torch.float64)
-        log_z = torch.zeros(b, gh, gw, dtype=torch.float64)
-        exact_tail = self.tail == "sample" and self.m >= n
+        inv_cov = (1 / crops.coverage).to(dev)
+        inv2t2 = (1 / (2 * t.to(torch.float64) ** 2)).to(dev)
+        out = torch.zeros(b, c, h, w, dtype=torch.float64, device=dev)
+        eps_bar, rel_se, log_z = (torch.zeros(b, gh, gw, dtype=torch.float64) for _ in range(3))
         for by, bx, win in blocks(h, w, s, self.bundle.stride):
             r0, r1, c0, c1 = win
-            # 1. k candidates per query from the block's union-window index
-            q = z[:, :, r0:r1, c0:c1].flatten(1).to(torch.float32).cpu().numpy()
-            _, ids = self.bundle.index(s, by, bx).search(np.ascontiguousarray(q), k)
-            ids = torch.from_numpy(ids).to(self.device)
-            if (ids < 0).any():
-                raise UserError(f"{self.bundle.path}: index returned fewer than k={k} candidates")
-            cand = window_u8(self.data, ids, win).to(dt) / 127.5 - 1  # [B, k, C, wh, ww]
-            ids_sorted = ids.sort(1).values
-            for py in range(r0, min(r0 + self.bundle.stride, gh)):
-                for px in range(c0, min(c0 + self.bundle.stride, gw)):
-                    oy, ox = py - r0, px - c0
-                    zp = z[:, :, py:py + s, px:px + s].to(dt)
-                    xc = cand[:, :, :, oy:oy + s, ox:ox + s].flatten(2)  # [B, k, D]
-                    # 2. exact logits of the candidates, direct differences
-                    d = ((xc - zp.flatten(1)[:, None]) ** 2).sum(2).to(torch.float64)
-                    lc = -d * inv2t2  # [B, k]
-                    sm = OnlineSoftmax(dim=1)
-                    sm.update(lc, lambda wt: torch.einsum("bk,bkd->bd", wt.to(dt), xc).to(torch.float64))
-                    # 3. certificate-style bound of the top-k part (see the module docstring)
-                    if k < n:
-                        log_rest = math.log(n - k) + lc.amin(1)
-                        eps_bar[:, py, px] = torch.sigmoid(log_rest - torch.logsumexp(lc, 1)).cpu()
-                    # 4. uniform tail, candidates' terms zeroed, weight N/m
-                    if self.tail == "sample" and k < n:
-                        tid = self.tail_ids(s, py, px)
-                        xt = window_u8(self.data, tid, (py, py + s, px, px + s)).to(dt).flatten(1) / 127.5 - 1
-                        dtl = ((xt[None] - zp.flatten(1)[:, None]) ** 2).sum(2).to(torch.float64)
-                        lt = -dtl * inv2t2  # [B, m]
-                        pos = torch.searchsorted(ids_sorted, tid.expand(b, -1).contiguous()).clamp(max=k - 1)
-                        outside = (ids_sorted.gather(1, pos) != tid[None]).to(torch.float64)
-                        wgt = outside * (1.0 if exact_tail else n / len(tid))
-                        sm.update(lt, lambda wt: (wt.to(dt) @ xt).to(torch.float64), weights=wgt)
-                        if not exact_tail and len(tid) > 1:
-                            ref = torch.maximum(lc.amax(1), lt.amax(1))[:, None]
-                            y = torch.exp(lt - ref) * outside
-                            zk = torch.exp(lc - ref).sum(1)
-                            est = zk + n * y.mean(1)
-                            rel_se[:, py, px] = (n * y.std(1) / math.sqrt(len(tid)) / est).cpu()
-                    # 5. composite: add the patch mean where the crop sits
-                    acc[:, :, py:py + s, px:px + s] += sm.mean().reshape(b, c, s, s)
-                    log_z[:, py, px] = sm.logsumexp().cpu()
-        out = acc / crops.coverage.to(acc.device)
-        rep = {"path": "retrieval", "s": s, "k": k, "tail": self.tail, "m": self.m, "kind": self.bundle.kind,
-               "stride": self.bundle.stride, "certified": self.certified, "eps_bar": eps_bar,
-               "log_z": log_z, "rel_se": rel_se if self.tail == "sample" else None}
+            local = SquareCrops(r1 - r0, c1 - c0, s)  # the block's positions, as crops of its window
+            ph, pw = local.grid
+            zw = z[:, :, r0:r1, c0:c1].to(dt)
+            # 1. k candidates per query (-1: an IVF probe found fewer)
+            ids = self.bundle.search(s, by, bx, zw.flatten(1), k, self.nprobe).to(dev)
+            if (ids < 0).all(1).any():
+                raise UserError(f"{self.bundle.path}: no candidates for a query at s={s}; raise --nprobe")
+            if tail:
+                tid = self.tail_ids(s, by, bx, m)
+                xt = (window_u8(self.data, tid, win).to(dt) / 127.5 - 1)[None]  # [1, m, C, h, w]
+            per_query = (k + (len(tid) if tail else 0)) * c * (r1 - r0) * (c1 - c0)
+            step = max(1, 4 * CHUNK_ELEMENTS // per_query)
+            for q0 in range(0, b, step):
+                q = slice(q0, min(q0 + step, b))
+                qid, valid = ids[q].clamp_min(0), ids[q] >= 0
+                # 2. exact logits of the candidates at every position of the block: [r, k, K]
+                xc = window_u8(self.data, qid, win).to(dt) / 127.5 - 1
+                lc = crop_logits(zw[q], xc, local, inv2t2[q]).masked_fill(~valid[..., None], -math.inf)
+                sm = OnlineSoftmax(dim=1)
+                sm.update(lc)
+                parts = [(qid, xc, lc, None)]
+                # 3. the uniform tail, candidates' terms zeroed, weight N/m
+                if tail:
+                    lt = crop_logits(zw[q], xt, local, inv2t2[q])
+                    outside = ~isin_rows(ids[q], tid)
+                    wt = outside.to(torch.float64) * (1.0 if exact_tail else n / len(tid))
+                    sm.update(lt, weights=wt[..., None])
+                    parts.append((tid.expand(len(qid), -1), xt, lt, wt))
+                # 4. normalised weights -> per-pixel weights -> the composite in the window
+                for pid, x, logit, wgt in parts:
+                    wk = torch.exp(logit - sm.m[:, None]) / sm.z[:, None]
+                    if wgt is not None:
+                        wk = wk * wgt[..., None]
+                    a = local.uncrop(wk) * inv_cov[r0:r1, c0:c1]  # [r, n, h, w]
+                    if on_weights is not None:
+                        on_weights(q, pid, a, win)
+                    a = a.to(dt)
+                    out[q, :, r0:r1, c0:c1] += torch.stack([(a * x[:, :, ch]).sum(1) for ch in range(c)], 1)
+                # report: certificate-style bound of the top-k part, tail SE, log normaliser
+                kv = valid.sum(1, keepdim=True)
+                if k < n:
+                    log_rest = torch.log((n - kv).clamp_min(1).to(torch.float64)) + \
+                        lc.masked_fill(~valid[..., None], math.inf).amin(1)
+                    eb = torch.sigmoid(log_rest - torch.logsumexp(lc, 1)) * (kv < n)
+                    eps_bar[q, r0:r0 + ph, c0:c0 + pw] = eb.reshape(-1, ph, pw).cpu()
+                if tail and not exact_tail and len(tid) > 1:
+                    y = torch.exp(lt - sm.m[:, None]) * outside[..., None]
+                    est = torch.exp(lc - sm.m[:, None]).sum(1) + n * y.mean(1)
+                    se = n * y.std(1) / math.sqrt(len(tid)) / est
+                    rel_se[q, r0:r0 + ph, c0:c0 + pw] = se.reshape(-1, ph, pw).cpu()
+                log_z[q, r0:r0 + ph, c0:c0 + pw] = sm.logsumexp().reshape(-1, ph, pw).cpu()
+        rep = {"path": "retrieval", "s": s, "k": k, "tail": self.tail, "m": m, "kind": self.bundle.kind,
+               "stride": self.bundle.stride, "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"),
+               "certified": self.certified, "eps_bar": eps_bar, "log_z": log_z,
+               "rel_se": rel_se if self.tail == "sample" else None}
         return out.to(z.dtype), rep

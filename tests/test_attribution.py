@@ -41,7 +41,7 @@ def naive_shares(data, z, t, s):
 def test_shares_match_naive_loop(dtype, tol):
     data = tiny()
     z = torch.randn(2, 1, 5, 5, generator=torch.Generator().manual_seed(1)) * 0.7
-    shares, _ = attribution_maps(PSPCSquare(data, patch_size=3), z, 0.6, dtype=dtype)
+    shares, _ = attribution_maps(PSPCSquare(data, patch_size=3, dtype=dtype), z, 0.6)
     np.testing.assert_allclose(shares.numpy(), naive_shares(data, z, 0.6, 3), atol=tol)
 
 
@@ -122,3 +122,74 @@ def test_cli_bad_query_exit_2(store, tmp_path, case):
     res = run("attribute", "--store", store, "--top", 2, *args)
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    from pspc_index.index import build_bundle, open_bundle
+    from pspc_index.store import ImageStore
+    root = tmp_path_factory.mktemp("attr-index")
+    write_store(root / "s.zarr", np.random.RandomState(5).randint(0, 256, (30, 1, 8, 8)).astype(np.uint8))
+    build_bundle(root / "s.zarr", root / "flat", [3], stride=2, kind="flat", progress=False)
+    build_bundle(root / "s.zarr", root / "sq8", [3], stride=4, kind="sq8", progress=False)
+    store = ImageStore.open(root / "s.zarr")
+    return root, store.training_set(), {k: open_bundle(root / k, store) for k in ("flat", "sq8")}
+
+
+def test_retrieval_attribution_all_candidates_equals_exact(indexed):
+    from pspc_index.retrieval import RetrievalPSPC
+    _, data, bundles = indexed
+    z = data.get(torch.tensor([3, 40])) + 0.5 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact, te = attribution_maps(PSPCSquare(data, patch_size=3), z, 0.5, top=5)
+    ret, tr = attribution_maps(RetrievalPSPC(data, bundles["flat"], k=len(data), tail="none", patch_size=3),
+                               z, 0.5, top=5)
+    np.testing.assert_allclose(ret.numpy(), exact.numpy(), atol=1e-6)
+    assert torch.equal(tr.ids, te.ids)
+    np.testing.assert_allclose(tr.maps.numpy(), te.maps.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["none", "sample"])
+def test_retrieval_maps_sum_to_one_and_reproduce_output(indexed, tail):
+    from pspc_index.retrieval import RetrievalPSPC
+    _, data, bundles = indexed
+    den = RetrievalPSPC(data, bundles["sq8"], k=6, tail=tail, m=10, patch_size=3)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.8
+    shares, tm = attribution_maps(den, z, 0.4, top=len(data))
+    np.testing.assert_allclose(shares.sum(1).numpy(), 1, atol=1e-6)
+    np.testing.assert_allclose(tm.maps.sum(1).numpy(), 1, atol=1e-6)
+    x = data.get(tm.ids)[:, :, 0].to(torch.float64)
+    np.testing.assert_allclose((tm.maps * x).sum(1).numpy(), den(z, 0.4)[:, 0].numpy(), atol=1e-5)
+    if tail == "none":  # sparse: only retrieved candidates carry weight
+        assert ((shares > 0).sum(1) < len(data)).all()
+
+
+def test_exact_and_retrieval_agree_on_top_m_at_small_t(tmp_path):
+    # 8 base images, 3 near-copies each (+-3 grey levels): a query near a base has 3 comparable shares
+    from pspc_index.index import build_bundle, open_bundle
+    from pspc_index.retrieval import RetrievalPSPC
+    from pspc_index.store import ImageStore
+    rs = np.random.RandomState(11)
+    base = rs.randint(10, 246, (8, 1, 1, 8, 8))
+    copies = (base + rs.randint(-3, 4, (8, 3, 1, 8, 8))).reshape(24, 1, 8, 8).astype(np.uint8)
+    write_store(tmp_path / "s.zarr", copies)
+    build_bundle(tmp_path / "s.zarr", tmp_path / "b", [3], stride=4, kind="sq8", progress=False)
+    store = ImageStore.open(tmp_path / "s.zarr")
+    data = store.training_set()
+    x = torch.from_numpy(base[[1, 4, 6], 0].astype(np.float32) / 127.5 - 1)
+    ex, _, _ = attribute_image(PSPCSquare(data, patch_size=3), x, 0.1, seed=2, top=3)
+    den = RetrievalPSPC(data, open_bundle(tmp_path / "b", store), k=8, tail="none", patch_size=3)
+    rt, _, _ = attribute_image(den, x, 0.1, seed=2, top=3)
+    for q, (a, b) in enumerate(zip(ex, rt)):
+        assert {e["index"] for e in a} == {3 * [1, 4, 6][q] + j for j in range(3)}
+        assert [(e["index"], e["flip"]) for e in a] == [(e["index"], e["flip"]) for e in b]
+        np.testing.assert_allclose([e["share"] for e in a], [e["share"] for e in b], atol=1e-3)
+
+
+def test_cli_attribute_with_index(indexed, tmp_path):
+    root, data, _ = indexed
+    np.save(tmp_path / "x.npy", data.u8(torch.tensor([2, 5])).numpy())
+    res = run("attribute", "--store", root / "s.zarr", "--image", tmp_path / "x.npy", "--t", 0.1, "--top", 2,
+              "--patch-size", 3, "--index", root / "sq8", "--k", 8, "--json", "--panel", tmp_path / "p.png")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert [q[0]["index"] for q in rep["queries"]] == [2, 5] and (tmp_path / "p.png").exists()

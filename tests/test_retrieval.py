@@ -144,3 +144,44 @@ def test_cli_build_and_denoise(tmp_path):
     (tmp_path / "b" / "manifest.json").write_text("{not json")
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_ivf_all_cells_equals_flat(tmp_path):
+    # an IVF index searched in every cell returns the flat index's candidates: equal outputs
+    write_store(tmp_path / "s.zarr", np.random.RandomState(9).randint(0, 256, (120, 1, 8, 8)).astype(np.uint8))
+    build_bundle(tmp_path / "s.zarr", tmp_path / "flat", [3], stride=3, kind="flat", progress=False)
+    build_bundle(tmp_path / "s.zarr", tmp_path / "ivf", [3], stride=3, kind="ivf-flat", nlist=6, progress=False)
+    store = ImageStore.open(tmp_path / "s.zarr")
+    data = store.training_set()
+    z = queries(data, 0.4, b=4)
+    flat = RetrievalPSPC(data, open_bundle(tmp_path / "flat", store), k=16, tail="none", patch_size=3)
+    ivf = RetrievalPSPC(data, open_bundle(tmp_path / "ivf", store), k=16, tail="none", patch_size=3, nprobe=6)
+    assert torch.equal(flat(z, 0.4), ivf(z, 0.4))
+    # one cell: fewer than k candidates can come back (-1 ids); still a convex combination of pixels
+    few = RetrievalPSPC(data, open_bundle(tmp_path / "ivf", store), k=64, tail="none", patch_size=3, nprobe=1)
+    out = few(z, 0.4)
+    assert out.abs().max() <= 1 + 1e-6 and few.last_report[3]["nprobe"] == 1
+
+
+@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-pq"])
+def test_compressed_ivf_with_exact_tail_is_exact(tmp_path, kind):
+    # whatever the codes propose, rescoring plus a tail of every image is the exact composite
+    write_store(tmp_path / "s.zarr", np.random.RandomState(4).randint(0, 256, (90, 1, 8, 8)).astype(np.uint8))
+    man = build_bundle(tmp_path / "s.zarr", tmp_path / "b", [3], stride=4, kind=kind, nlist=4, pq_m=8,
+                       progress=False)
+    assert man["nlist"] == 4 and man["nprobe"] == 1
+    store = ImageStore.open(tmp_path / "s.zarr")
+    data = store.training_set()
+    z = queries(data, 0.5, b=3)
+    den = RetrievalPSPC(data, open_bundle(tmp_path / "b", store), k=8, tail="sample", m=len(data), patch_size=3)
+    assert (den(z, 0.5) - composite_mean(z, 0.5, data, SquareCrops(8, 8, 3))).abs().max() < 1e-5
+
+
+def test_gpu_build_without_faiss_gpu_is_one_line(tmp_path):
+    import faiss
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss-gpu with a GPU present")
+    write_store(tmp_path / "s.zarr", images(6))
+    r = CliRunner().invoke(cli, ["build", str(tmp_path / "s.zarr"), str(tmp_path / "b"), "--patch-sizes", "3",
+                                 "--index", "ivf-flat", "--gpu"])
+    assert r.exit_code == 2 and "faiss-gpu" in r.output and len(r.output.strip().splitlines()) == 1
