@@ -290,45 +290,88 @@ def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> No
 @click.option("--out", "out", type=click.Path(), required=True, help="Samples: .npy or .zarr.")
 @click.option("--steps", type=int, default=18, show_default=True)
 @click.option("--sampler", "solver", type=click.Choice(["euler", "heun"]), default="euler", show_default=True)
-@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--batch", default="64", show_default=True,
+              help="Samples per batch, or 'auto': the largest whose estimated memory fits --memory-gb.")
+@click.option("--memory-gb", type=float, default=None,
+              help="Budget for --batch auto (default: half the available RAM, or of the free GPU memory).")
+@click.option("--split", type=click.Choice(["samples", "locations"]), default="samples", show_default=True,
+              help="Under torchrun: split the samples, or the crop locations (each process holds only its "
+                   "locations' indices; composites summed with all-reduce).")
 @click.option("--record", is_flag=True, help="Also keep the trajectory (z and D at every step).")
 @denoiser_options
 @user_errors
-def sample(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule, xflip,
-           network_path, heatmaps_path, device, retrieval):
+def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, record, denoiser, patch_size, schedule,
+           xflip, network_path, heatmaps_path, device, retrieval):
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
+    from .distributed import init_distributed, launched_distributed
     from .sampler import sample as run
 
     if not str(out).endswith((".npy", ".zarr")):
         raise UserError(f"--out {out}: use a .npy or .zarr path")
-    if str(out).endswith(".zarr"):
-        return sample_zarr(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule,
-                           xflip, network_path, heatmaps_path, device, retrieval)
-    from .distributed import launched_distributed
-    if launched_distributed():
+    if batch != "auto" and not batch.isdigit():
+        raise UserError(f"--batch must be a positive integer or 'auto', got {batch!r}")
+    if n <= 0 or batch == "0" or steps < 2:
+        raise UserError(f"need n > 0, batch > 0 and steps >= 2, got n={n}, batch={batch}, steps={steps}")
+    zarr_out = str(out).endswith(".zarr")
+    if launched_distributed() and not zarr_out:
         raise UserError(f"--out {out}: under torchrun, write a resumable .zarr (e.g. --out samples.zarr)")
+    if split == "locations" and denoiser != "pspc-square":
+        raise UserError(f"--split locations splits PSPC-Square's crop locations; not for {denoiser}")
+    rank, world = init_distributed(device) if zarr_out else (0, 1)
     den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
                          retrieval)
-    res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record)
+    if split == "locations":
+        den.locations = (rank, world)
+    batch = resolve_batch(batch, memory_gb, den, n, steps, record, device, out if zarr_out else None)
+    if zarr_out:
+        return sample_zarr(den, store_path, n, seed, out, steps, solver, batch, split, record, rank, world,
+                           denoiser, patch_size, schedule, xflip, network_path, heatmaps_path, retrieval)
+    res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record, progress=True)
     x = res[0] if record else res
     write_samples(out, x, res[1] if record else None,
                   {"seed": seed, "steps": steps, "sampler": solver, "denoiser": denoiser, "xflip": xflip})
     png = Path(str(out).rsplit(".", 1)[0] + ".png")
     write_grid(png, x)
-    click.echo(f"wrote {out} ({n} samples) and {png}")
+    click.echo(f"wrote {out} ({n} samples, batch {batch}) and {png}")
 
 
-def sample_zarr(store_path, n, seed, out, steps, solver, batch, record, denoiser, patch_size, schedule, xflip,
-                network_path, heatmaps_path, device, retrieval):
+def available_memory(device: str) -> int:
+    """Bytes available now: free GPU memory on cuda, else MemAvailable from /proc/meminfo (Linux)."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise UserError("cannot read the available memory here; give --memory-gb")
+
+
+def resolve_batch(batch: str, memory_gb, den, n, steps, record, device, zarr_out) -> int:
+    """--batch as an int; 'auto' fits the memory budget, or reuses the batch a resumed .zarr run recorded."""
+    import zarr
+    from .distributed import fit_batch
+
+    if batch != "auto":
+        return int(batch)
+    if zarr_out is not None and Path(zarr_out).exists():
+        try:
+            return int(zarr.open_group(str(zarr_out), mode="r").attrs["batch"])
+        except Exception:
+            pass  # not a sample run: sample_to_zarr reports it
+    if memory_gb is not None and memory_gb <= 0:
+        raise UserError(f"--memory-gb must be > 0, got {memory_gb}")
+    budget = memory_gb * 2 ** 30 if memory_gb is not None else available_memory(device) / 2
+    return fit_batch(den, n, steps, record, budget)
+
+
+def sample_zarr(den, store_path, n, seed, out, steps, solver, batch, split, record, rank, world, denoiser,
+                patch_size, schedule, xflip, network_path, heatmaps_path, retrieval):
     """`sample --out X.zarr`: resumable, batch-by-batch; split over processes when run under torchrun."""
     import zarr
-    from .distributed import init_distributed, sample_to_zarr
+    from .distributed import sample_to_zarr
 
-    if n <= 0 or batch <= 0 or steps < 2:
-        raise UserError(f"need n > 0, batch > 0 and steps >= 2, got n={n}, batch={batch}, steps={steps}")
-    rank, world = init_distributed(device)
-    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval)
     try:
         sha = zarr.open_group(str(store_path), mode="r").attrs.get("sha256")
     except Exception:
@@ -341,7 +384,7 @@ def sample_zarr(store_path, n, seed, out, steps, solver, batch, record, denoiser
     if denoiser == "pspc-flex":
         meta["heatmaps"] = str(heatmaps_path or DEFAULT_HEATMAPS)
     x = sample_to_zarr(den, out, n, seed, steps=steps, solver=solver, batch=batch, record=record,
-                       progress=rank == 0 or world > 1, rank=rank, world=world, meta=meta)
+                       progress=True, rank=rank, world=world, meta=meta, split=split)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank != 0:
@@ -349,7 +392,8 @@ def sample_zarr(store_path, n, seed, out, steps, solver, batch, record, denoiser
     png = Path(str(out).rsplit(".", 1)[0] + ".png")
     if x is not None:
         write_grid(png, torch.from_numpy(x[:256]))
-    click.echo(f"wrote {out} ({n} samples{f', {world} processes' if world > 1 else ''}) and {png}")
+    how = f", {world} processes split by {split}" if world > 1 else ""
+    click.echo(f"wrote {out} ({n} samples, batch {batch}{how}) and {png}")
 
 
 def write_samples(out, x: torch.Tensor, traj, meta: dict) -> None:

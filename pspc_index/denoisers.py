@@ -123,6 +123,8 @@ class PSPCSquare(Denoiser):
                  dtype=torch.float32):
         super().__init__(data)
         self.fixed, self.dtype = patch_size, dtype
+        # (rank, world): this process's share of the crop locations (torchrun location split)
+        self.locations = (0, 1)
         self.schedule = schedule or default_schedule(data.shape[1])
         if patch_size is not None:
             SquareCrops(*data.shape[1:], patch_size)  # validates the size now, not at the first call
@@ -143,18 +145,35 @@ class PSPCSquare(Denoiser):
         """The composite of patch size s. on_weights(rows, ids [r, n], a [r, n, h, w], window) sees the
         per-pixel weights a_i[p] of the images ids (attribution; the retrieval path calls it sparsely)."""
         h, w = self.data.shape[1:]
-        if on_weights is None:
-            if s >= max(h, w):
+        if s >= max(h, w):
+            if on_weights is None:
                 return empirical_mean(z, t, self.data)
-            return composite_mean(z, t, self.data, SquareCrops(h, w, s), dtype=self.dtype)
-        # s = H as the composite over the one full-image crop, which exposes the weights
-        crops = MaskCrops(torch.ones(1, h, w, dtype=torch.bool)) if s >= max(h, w) else SquareCrops(h, w, s)
-        rows = slice(0, len(z))
+            # s = H as the composite over the one full-image crop, which exposes the weights
+            return self.window_mean(z, t, MaskCrops(torch.ones(1, h, w, dtype=torch.bool)), (0, h), on_weights)
+        rank, world = self.locations
+        if world == 1:
+            return self.window_mean(z, t, SquareCrops(h, w, s), (0, h), on_weights)
+        # this process's rows of crop locations, over the image rows they touch; the parts sum to the whole
+        from .distributed import all_reduce_sum, split_range
 
-        def dense(start, a):
-            ids = torch.arange(start, start + a.shape[1], device=a.device).expand(len(z), -1)
-            on_weights(rows, ids, a, (0, h, 0, w))
-        return composite_mean(z, t, self.data, crops, dtype=self.dtype, on_weights=dense)
+        mine = split_range(h - s + 1, rank, world)
+        out = torch.zeros_like(z)
+        if len(mine):
+            r0, r1 = mine.start, mine.stop - 1 + s
+            cov = SquareCrops(h, w, s).coverage[r0:r1]
+            out[:, :, r0:r1] = self.window_mean(z, t, SquareCrops(r1 - r0, w, s), (r0, r1), on_weights, cov)
+        return all_reduce_sum(out)
+
+    def window_mean(self, z, t, crops, rows, on_weights=None, coverage=None):
+        """composite_mean over image rows r0:r1 (crops local to them), with the weights hook adapted."""
+        r0, r1 = rows
+        dense = None
+        if on_weights is not None:
+            def dense(start, a):
+                ids = torch.arange(start, start + a.shape[1], device=a.device).expand(len(z), -1)
+                on_weights(slice(0, len(z)), ids, a, (r0, r1, 0, z.shape[-1]))
+        data = self.data if (r0, r1) == (0, z.shape[-2]) else self.data.rows(r0, r1)
+        return composite_mean(z[:, :, r0:r1], t, data, crops, dtype=self.dtype, on_weights=dense, coverage=coverage)
 
 
 class PSPCFlex(Denoiser):

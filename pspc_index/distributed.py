@@ -1,4 +1,4 @@
-"""Large sampling runs: resumable zarr output, split over processes (torchrun) by batch.
+"""Large sampling runs: resumable zarr output, split over processes (torchrun) by batch or by crop location.
 
 Output layout (zarr v3 group at `out_path`):
   samples   float32 [N, C, H, W], one chunk per batch along N
@@ -9,7 +9,9 @@ Output layout (zarr v3 group at `out_path`):
   attrs     the run settings; a rerun must match them and skips the done batches.
 
 Each sample depends only on (seed, its index) and batches are fixed by `batch`, so any split of the
-batches over processes (b % world == rank) gives the same bytes as one process.
+batches over processes (b % world == rank) gives the same bytes as one process. With split="locations"
+every process runs every batch on its rows of crop locations (`PSPCSquare.locations`; retrieval then
+loads only those rows' indices), the partial composites are summed with all-reduce, and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -49,6 +51,50 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def split_range(n: int, rank: int, world: int) -> range:
+    """Process rank's contiguous share of 0..n-1 (sizes differ by at most one)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the process group (in place; x itself when not distributed)."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and not x.is_cuda:  # NCCL reduces device tensors only
+            y = x.cuda()
+            dist.all_reduce(y)
+            x.copy_(y.cpu())
+        else:
+            dist.all_reduce(x)
+    return x
+
+
+def fit_batch(denoiser, n: int, steps: int, record: bool, budget_bytes: float) -> int:
+    """The largest batch (<= n) whose estimated peak memory fits `budget_bytes`.
+
+    Estimate (measured against peak RSS in tools/bench_sampling.py): fixed = the training images, the
+    index bundle if any (all its indices end up loaded), and the streaming temporaries, which are
+    bounded per chunk whatever the batch (~8 float tensors of CHUNK_ELEMENTS; 4x that per retrieval
+    query chunk); per sample = ~8 image-sized float32/64 buffers (z, D, solver state, the float64
+    accumulator) plus the recorded trajectory (2 images per step) and, with retrieval, k int64 ids.
+    """
+    from .posterior import CHUNK_ELEMENTS
+
+    c, h, w = denoiser.shape
+    image = 4 * c * h * w
+    data = getattr(denoiser, "data", None)
+    fixed = 8 * 4 * CHUNK_ELEMENTS + (data.images.numel() if data is not None else 0)
+    per = image * (8 + (2 * steps if record else 0))
+    bundle = getattr(denoiser, "bundle", None)
+    if bundle is not None:
+        fixed += sum(f["size"] for f in bundle.manifest["files"].values()) + 4 * 8 * 4 * CHUNK_ELEMENTS
+        per += 8 * denoiser.k
+    if budget_bytes < fixed + per:
+        raise UserError(f"memory budget {budget_bytes / 2 ** 30:.2f} GiB is below the estimated minimum "
+                        f"{(fixed + per) / 2 ** 30:.2f} GiB for one sample")
+    return int(min(n, (budget_bytes - fixed) // per))
 
 
 def _dist():
@@ -120,7 +166,7 @@ def _open_checked(out: Path, settings: dict):
 
 def sample_to_zarr(denoiser, out_path, n: int, seed: int, steps: int = 18, solver: str = "euler",
                    batch: int = 64, record: bool = False, progress: bool = True, rank: int | None = None,
-                   world: int | None = None, meta: dict | None = None):
+                   world: int | None = None, meta: dict | None = None, split: str = "samples"):
     """Draw samples 0..n-1 of the run seeded `seed` into a resumable zarr group at `out_path`.
 
     Process `rank` of `world` takes batches b with b % world == rank (rank/world default to the
@@ -140,6 +186,11 @@ def sample_to_zarr(denoiser, out_path, n: int, seed: int, steps: int = 18, solve
         world = dist.get_world_size() if dist else 1
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    if split not in ("samples", "locations"):
+        raise UserError(f"unknown split {split!r}; use samples or locations")
+    by_location = split == "locations" and world > 1
+    if by_location and getattr(denoiser, "locations", None) != (rank, world):
+        raise UserError("--split locations needs the pspc-square denoiser with its locations set to (rank, world)")
     out = Path(out_path)
     shape = tuple(int(v) for v in denoiser.shape)
     settings = _settings(denoiser, n, seed, steps, solver, batch, record, meta)
@@ -164,11 +215,13 @@ def sample_to_zarr(denoiser, out_path, n: int, seed: int, steps: int = 18, solve
 
     # 2. this process's batches that are not done yet, written as they finish, flag after data
     done = np.asarray(root["done"][...])
-    mine = [b for b in range(rank, n_batches, world)]
+    mine = list(range(n_batches)) if by_location else list(range(rank, n_batches, world))
+    writer = rank == 0 or not by_location
     todo = [b for b in mine if not done[b]]
     size = lambda b: min(batch, n - b * batch)  # noqa: E731
     bar = tqdm(total=sum(size(b) for b in mine), initial=sum(size(b) for b in mine if done[b]), unit="img",
-               disable=not progress, file=sys.stderr, desc=f"rank {rank}" if world > 1 else None,
+               disable=not progress or not writer, file=sys.stderr,
+               desc=f"rank {rank}" if world > 1 and not by_location else None,
                dynamic_ncols=True)
     device = getattr(denoiser, "device", "cpu")
     try:
@@ -177,6 +230,8 @@ def sample_to_zarr(denoiser, out_path, n: int, seed: int, steps: int = 18, solve
             z = initial_noise(seed, range(lo, hi), shape).to(device)
             res = pf_ode_sample(denoiser, z, steps, solver, record)
             x = res[0] if record else res
+            if not writer:
+                continue
             root["samples"][lo:hi] = x.detach().cpu().numpy().astype(np.float32)
             if record:
                 root["z"][:, lo:hi] = res[1].z.numpy().astype(np.float32)

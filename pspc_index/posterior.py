@@ -85,13 +85,15 @@ def empirical_mean(z: torch.Tensor, t, data: TrainingSet, chunk: int | None = No
 
 def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, dtype=torch.float32,
                    chunk: int | None = None,
-                   on_weights: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                   on_weights: Callable[[int, torch.Tensor], None] | None = None,
+                   coverage: torch.Tensor | None = None) -> torch.Tensor:
     """PSPC composite (Eq. 11) over a crop set, exactly, in two streaming passes over the data.
 
     Pass 1 finds each crop's log normaliser; pass 2 turns the crop posteriors into per-pixel weights
     a_i[p] = (1/#crops covering p) sum_{k covers p} w_ik and sums a_i[p] x_i[p]. Distances use direct
     differences (never the float32 norm expansion). `on_weights(start, a)` sees a [B, n, H, W] for the
-    images start..start+n (attribution).
+    images start..start+n (attribution). `coverage` replaces the crop set's own (a part of a larger crop
+    set, e.g. one process's rows of crop locations, is divided by the whole set's coverage).
     """
     b, _, h, w = z.shape
     zc = z.to(dtype)
@@ -110,7 +112,7 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, dtype=torch.flo
     # pass 2: normalised crop weights -> per-pixel weights -> weighted sum of training pixels.
     # Weights are exp(l - max) / Z, not exp(l - logsumexp): l and max are both huge at small t, but their
     # difference is exact for near-ties, while a float32 logsumexp carries ~1e-3 rounding into every weight.
-    inv_cov = (1 / crops.coverage).to(dtype).to(z.device)
+    inv_cov = (1 / (crops.coverage if coverage is None else coverage)).to(dtype).to(z.device)
     out = torch.zeros(b, z.shape[1], h * w, dtype=torch.float64, device=z.device)
     for start, x in data.chunks(chunk, dtype):
         wk = torch.exp(crop_logits(x) - sm.m[:, None]) / sm.z[:, None]

@@ -8,9 +8,9 @@ Per s and anchor block (stride x stride positions sharing one union-window index
   3. with tail="sample", m ids drawn uniformly (with replacement) from all N, seeded by (seed, s, block)
      and shared by the block's positions and queries, enter with weight N/m, their terms zeroed where
      the id is one of the query's candidates: an unbiased estimate of the rest of each normaliser;
-  4. one OnlineSoftmax per position over both parts, its normalised weights spread over the crop's
-     pixels and divided by the (global) coverage: per-pixel weights a_i[p] that sum to one at every
-     pixel, and the composite sum_i a_i[p] x_i[p] in the window.
+  4. one OnlineSoftmax per position over both parts; its normalised weights give the position's patch
+     mean, and the patch means are summed into the window and divided by the (global) coverage. The
+     equivalent per-pixel weights a_i[p] (sum one at every pixel) are formed only for attribution.
 
 Report (`last_report[s]`): eps_bar = (N-k) e^{l_k} / (Z_k + (N-k) e^{l_k}) per query and position from
 the top-k part. It bounds the neglected mass only if the k are the true k nearest of that position;
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .denoisers import PSPCSquare
+from .distributed import all_reduce_sum, split_range
 from .errors import UserError
 from .geometry import SquareCrops
 from .index import Bundle, blocks, window_u8
@@ -124,7 +125,12 @@ class RetrievalPSPC(PSPCSquare):
         inv2t2 = (1 / (2 * t.to(torch.float64) ** 2)).to(dev)
         out = torch.zeros(b, c, h, w, dtype=torch.float64, device=dev)
         eps_bar, rel_se, log_z = (torch.zeros(b, gh, gw, dtype=torch.float64) for _ in range(3))
+        # under a location split this process takes its rows of blocks (and loads only their indices)
+        rank, world = self.locations
+        mine = split_range(-(-gh // self.bundle.stride), rank, world)
         for by, bx, win in blocks(h, w, s, self.bundle.stride):
+            if by not in mine:
+                continue
             r0, r1, c0, c1 = win
             local = SquareCrops(r1 - r0, c1 - c0, s)  # the block's positions, as crops of its window
             ph, pw = local.grid
@@ -135,8 +141,9 @@ class RetrievalPSPC(PSPCSquare):
                 raise UserError(f"{self.bundle.path}: no candidates for a query at s={s}; raise --nprobe")
             if tail:
                 tid = self.tail_ids(s, by, bx, m)
-                xt = (window_u8(self.data, tid, win).to(dt) / 127.5 - 1)[None]  # [1, m, C, h, w]
-            per_query = (k + (len(tid) if tail else 0)) * c * (r1 - r0) * (c1 - c0)
+                xt = window_u8(self.data, tid, win).to(dt) / 127.5 - 1  # [m, C, h, w]
+            # query chunks bound memory: the einsum below may materialise [r, n, C, K, s, s]
+            per_query = (k + (len(tid) if tail else 0)) * c * max((r1 - r0) * (c1 - c0), ph * pw * s * s)
             step = max(1, 4 * CHUNK_ELEMENTS // per_query)
             for q0 in range(0, b, step):
                 q = slice(q0, min(q0 + step, b))
@@ -146,24 +153,29 @@ class RetrievalPSPC(PSPCSquare):
                 lc = crop_logits(zw[q], xc, local, inv2t2[q]).masked_fill(~valid[..., None], -math.inf)
                 sm = OnlineSoftmax(dim=1)
                 sm.update(lc)
-                parts = [(qid, xc, lc, None)]
+                parts = [(qid, xc, lc, None, "rnyx,rncyxuv->rcyxuv")]
                 # 3. the uniform tail, candidates' terms zeroed, weight N/m
                 if tail:
-                    lt = crop_logits(zw[q], xt, local, inv2t2[q])
+                    lt = crop_logits(zw[q], xt[None], local, inv2t2[q])
                     outside = ~isin_rows(ids[q], tid)
                     wt = outside.to(torch.float64) * (1.0 if exact_tail else n / len(tid))
                     sm.update(lt, weights=wt[..., None])
-                    parts.append((tid.expand(len(qid), -1), xt, lt, wt))
-                # 4. normalised weights -> per-pixel weights -> the composite in the window
-                for pid, x, logit, wgt in parts:
+                    parts.append((tid.expand(len(qid), -1), xt, lt, wt, "rnyx,ncyxuv->rcyxuv"))
+                # 4. normalised weights -> each position's patch mean -> summed into the window / coverage
+                means = 0
+                for pid, x, logit, wgt, eq in parts:
                     wk = torch.exp(logit - sm.m[:, None]) / sm.z[:, None]
                     if wgt is not None:
                         wk = wk * wgt[..., None]
-                    a = local.uncrop(wk) * inv_cov[r0:r1, c0:c1]  # [r, n, h, w]
-                    if on_weights is not None:
-                        on_weights(q, pid, a, win)
-                    a = a.to(dt)
-                    out[q, :, r0:r1, c0:c1] += torch.stack([(a * x[:, :, ch]).sum(1) for ch in range(c)], 1)
+                    if on_weights is not None:  # per-pixel weights, only when asked (attribution)
+                        on_weights(q, pid, local.uncrop(wk) * inv_cov[r0:r1, c0:c1], win)
+                    xu = x.unfold(-2, s, 1).unfold(-2, s, 1)  # [(r,) n, C, ph, pw, s, s], a view
+                    means = means + torch.einsum(eq, wk.to(dt).unflatten(-1, (ph, pw)), xu).to(torch.float64)
+                acc = torch.zeros(means.shape[0], c, r1 - r0, c1 - c0, dtype=torch.float64, device=dev)
+                for u in range(s):
+                    for v in range(s):
+                        acc[:, :, u:u + ph, v:v + pw] += means[..., u, v]
+                out[q, :, r0:r1, c0:c1] += acc * inv_cov[r0:r1, c0:c1]
                 # report: certificate-style bound of the top-k part, tail SE, log normaliser
                 kv = valid.sum(1, keepdim=True)
                 if k < n:
@@ -177,6 +189,9 @@ class RetrievalPSPC(PSPCSquare):
                     se = n * y.std(1) / math.sqrt(len(tid)) / est
                     rel_se[q, r0:r0 + ph, c0:c0 + pw] = se.reshape(-1, ph, pw).cpu()
                 log_z[q, r0:r0 + ph, c0:c0 + pw] = sm.logsumexp().reshape(-1, ph, pw).cpu()
+        if world > 1:
+            for x in (out, eps_bar, rel_se, log_z):
+                all_reduce_sum(x)
         rep = {"path": "retrieval", "s": s, "k": k, "tail": self.tail, "m": m, "kind": self.bundle.kind,
                "stride": self.bundle.stride, "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"),
                "certified": self.certified, "eps_bar": eps_bar, "log_z": log_z,

@@ -179,6 +179,10 @@ class TrainingSet:
         keep = torch.as_tensor(np.asarray(keep), dtype=torch.long, device=self.device)
         return TrainingSet(self.images[keep], self.xflip)
 
+    def rows(self, r0: int, r1: int) -> "TrainingSet":
+        """The training set cropped to image rows r0:r1 (a view; flips are horizontal, so they commute)."""
+        return TrainingSet(self.images[:, :, r0:r1], self.xflip)
+
     def u8(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 images at virtual indices idx (any shape) -> [*idx.shape, C, H, W]."""
         idx = torch.as_tensor(idx, device=self.device)

@@ -105,21 +105,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun2(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "pspc_index.cli"] + [str(a) for a in args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def assert_same_samples(a, b):
+    one, two = zarr.open_group(str(a)), zarr.open_group(str(b))
+    assert two["done"][...].all() and b.with_suffix(".png").exists()
+    assert np.abs(two["samples"][...] - one["samples"][...]).max() <= 1e-5
+
+
 def test_torchrun_two_gloo_processes_equal_one(store, tmp_path):
     common = ["sample", "--store", str(store), "-n", "7", "--seed", "5", "--steps", "3", "--batch", "2",
               "--denoiser", "empirical"]
     res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "one.zarr")])
     assert res.exit_code == 0, res.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "pspc_index.cli"] + common + ["--out", str(tmp_path / "two.zarr")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    one = zarr.open_group(str(tmp_path / "one.zarr"))
-    two = zarr.open_group(str(tmp_path / "two.zarr"))
-    assert two["done"][...].all() and (tmp_path / "two.png").exists()
-    assert np.abs(two["samples"][...] - one["samples"][...]).max() <= 1e-5
+    torchrun2(common + ["--out", tmp_path / "two.zarr"])
+    assert_same_samples(tmp_path / "one.zarr", tmp_path / "two.zarr")
+
+
+def test_torchrun_location_split_equals_one(store, tmp_path):
+    # index build split over two processes: the same bundle as one process
+    torchrun2(["build", store, tmp_path / "b2", "--patch-sizes", "3", "--index", "flat", "--stride", "2"])
+    res = CliRunner().invoke(cli, ["build", str(store), str(tmp_path / "b1"), "--patch-sizes", "3", "--index",
+                                   "flat", "--stride", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    for f in sorted(p.name for p in (tmp_path / "b1").iterdir()):
+        assert (tmp_path / "b1" / f).read_bytes() == (tmp_path / "b2" / f).read_bytes(), f
+    assert not list((tmp_path / "b2").glob(".progress*"))
+    # sampling with the crop locations split (exact engine, and retrieval with each process's indices)
+    common = ["sample", "--store", store, "-n", "5", "--seed", "2", "--steps", "3", "--batch", "3",
+              "--patch-size", "3"]
+    for name, extra in (("exact", []), ("ret", ["--index", tmp_path / "b1", "--k", "8", "--tail-size", "16"])):
+        res = CliRunner().invoke(cli, [str(a) for a in common + extra + ["--out", tmp_path / f"{name}1.zarr"]])
+        assert res.exit_code == 0, res.output
+        torchrun2(common + extra + ["--split", "locations", "--out", tmp_path / f"{name}2.zarr"])
+        assert_same_samples(tmp_path / f"{name}1.zarr", tmp_path / f"{name}2.zarr")
 
 
 def test_cli_zarr_resume_and_bad_args(store, tmp_path):
@@ -137,3 +163,17 @@ def test_cli_zarr_resume_and_bad_args(store, tmp_path):
         lines = [l for l in res.output.splitlines() if l.strip()]
         assert len(lines) == 1 and "Traceback" not in res.output, res.output
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_fit_batch_follows_the_budget(store, tmp_path):
+    from pspc_index.distributed import fit_batch
+    den = Empirical(tiny_data())
+    small, large = (fit_batch(den, 10 ** 6, 18, rec, 2 ** 30) for rec in (True, False))
+    assert 1 <= small < large <= 10 ** 6 and fit_batch(den, 7, 18, False, 2 ** 30) == 7
+    with pytest.raises(UserError, match="below the estimated minimum"):
+        fit_batch(den, 10, 18, False, 2 ** 20)
+    base = ["sample", "--store", str(store), "--n", "3", "--steps", "3", "--denoiser", "empirical", "--batch", "auto"]
+    res = CliRunner().invoke(cli, base + ["--memory-gb", "1", "--out", str(tmp_path / "a.zarr")])
+    assert res.exit_code == 0 and "batch 3" in res.output, res.output
+    res = CliRunner().invoke(cli, base + ["--memory-gb", "0.001", "--out", str(tmp_path / "b.zarr")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
