@@ -71,30 +71,47 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def fit_batch(denoiser, n: int, steps: int, record: bool, budget_bytes: float) -> int:
-    """The largest batch (<= n) whose estimated peak memory fits `budget_bytes`.
+BASELINE_BYTES = 400 * 2 ** 20  # python + torch + faiss loaded, measured RSS before any work
 
-    Estimate (measured against peak RSS in tools/bench_sampling.py): fixed = the training images, the
-    index bundle if any (all its indices end up loaded), and the streaming temporaries, which are
-    bounded per chunk whatever the batch (~8 float tensors of CHUNK_ELEMENTS; 4x that per retrieval
-    query chunk); per sample = ~8 image-sized float32/64 buffers (z, D, solver state, the float64
-    accumulator) plus the recorded trajectory (2 images per step) and, with retrieval, k int64 ids.
+
+def estimate_memory(denoiser, batch: int, steps: int, record: bool) -> int:
+    """Estimated peak bytes of sampling `batch` images at once (checked against peak RSS in
+    tools/bench_sampling.py). Fixed: the runtime, the training images and the index bundle (all its
+    indices end up loaded). Streaming temporaries: exact composites stream the data in chunks of
+    CHUNK_ELEMENTS whatever the batch (~6 such float32 tensors); retrieval works per block on query chunks
+    of at most 4 CHUNK_ELEMENTS elements (~3 such tensors), fewer when the batch is small. Per sample:
+    ~8 image buffers (z, D, solver state, float64 accumulators), the recorded trajectory (2 images per
+    step), and with retrieval k int64 candidate ids.
     """
     from .posterior import CHUNK_ELEMENTS
 
     c, h, w = denoiser.shape
     image = 4 * c * h * w
     data = getattr(denoiser, "data", None)
-    fixed = 8 * 4 * CHUNK_ELEMENTS + (data.images.numel() if data is not None else 0)
-    per = image * (8 + (2 * steps if record else 0))
+    total = BASELINE_BYTES + (data.images.numel() if data is not None else 0) + 6 * 4 * CHUNK_ELEMENTS
+    total += batch * image * (8 + (2 * steps if record else 0))
     bundle = getattr(denoiser, "bundle", None)
     if bundle is not None:
-        fixed += sum(f["size"] for f in bundle.manifest["files"].values()) + 4 * 8 * 4 * CHUNK_ELEMENTS
-        per += 8 * denoiser.k
-    if budget_bytes < fixed + per:
+        files = bundle.manifest["files"].values()
+        total += sum(f["size"] for f in files)
+        n_cand = denoiser.k + (denoiser.m if denoiser.tail == "sample" else 0)
+        per_query = max(n_cand * c * max((r1 - r0) * (c1 - c0), (r1 - r0 - f["s"] + 1) * (c1 - c0 - f["s"] + 1)
+                                         * f["s"] ** 2) for f in files for r0, r1, c0, c1 in [f["window"]])
+        total += 3 * 4 * min(batch * per_query, 4 * CHUNK_ELEMENTS) + batch * 8 * denoiser.k
+    return int(total)
+
+
+def fit_batch(denoiser, n: int, steps: int, record: bool, budget_bytes: float) -> int:
+    """The largest batch (<= n) whose `estimate_memory` fits `budget_bytes` (the estimate grows with
+    the batch, so a bisection finds it)."""
+    if estimate_memory(denoiser, 1, steps, record) > budget_bytes:
         raise UserError(f"memory budget {budget_bytes / 2 ** 30:.2f} GiB is below the estimated minimum "
-                        f"{(fixed + per) / 2 ** 30:.2f} GiB for one sample")
-    return int(min(n, (budget_bytes - fixed) // per))
+                        f"{estimate_memory(denoiser, 1, steps, record) / 2 ** 30:.2f} GiB for one sample")
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if estimate_memory(denoiser, mid, steps, record) <= budget_bytes else (lo, mid - 1)
+    return lo
 
 
 def _dist():
