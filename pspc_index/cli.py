@@ -124,11 +124,12 @@ def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=N
     data = store.training_set(xflip=xflip, device=device)
     sched = get_schedule(schedule, store.shape[2])
     if retrieval and retrieval.get("index_path"):
-        from .index import open_bundle
+        from .index import faiss_has_gpu, open_bundle
         from .retrieval import RetrievalPSPC
         if denoiser != "pspc-square":
             raise UserError(f"--index works with --denoiser pspc-square, not {denoiser}")
-        bundle = open_bundle(retrieval["index_path"], store)
+        # with faiss-gpu the indices search on the GPU too; with faiss-cpu only the torch maths moves
+        bundle = open_bundle(retrieval["index_path"], store, gpu=device == "cuda" and faiss_has_gpu())
         return RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"] or default_tail,
                              m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
                              schedule=sched, tol=retrieval["tol"])

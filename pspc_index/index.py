@@ -245,12 +245,19 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     return manifest
 
 
+def faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 @dataclass
 class Bundle:
-    """An opened, verified bundle; indices are loaded on first use."""
+    """An opened, verified bundle; indices are loaded on first use (moved to the GPU with `gpu`)."""
 
     path: Path
     manifest: dict
+    gpu: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -277,7 +284,8 @@ class Bundle:
             raw = (self.path / name).read_bytes()
             if hashlib.sha256(raw).hexdigest() != self.manifest["files"][name]["sha256"]:
                 raise UserError(f"{self.path / name}: checksum mismatch (file changed since the bundle was opened)")
-            self._cache[name] = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+            index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+            self._cache[name] = faiss.index_cpu_to_gpu(gpu_resources(), 0, index) if self.gpu else index
         return self._cache[name]
 
     def search(self, s: int, by: int, bx: int, queries: torch.Tensor, k: int, nprobe: int | None = None):
@@ -286,14 +294,20 @@ class Bundle:
         import faiss
 
         index = self.index(s, by, bx)
+        if self.gpu and k > 2048:
+            raise UserError(f"k={k}: FAISS GPU search returns at most 2048 candidates")
         if self.kind.startswith("ivf"):
-            faiss.extract_index_ivf(index).nprobe = int(nprobe or self.manifest["nprobe"])
+            if self.gpu:
+                index.nprobe = int(nprobe or self.manifest["nprobe"])
+            else:
+                faiss.extract_index_ivf(index).nprobe = int(nprobe or self.manifest["nprobe"])
         _, ids = index.search(np.ascontiguousarray(queries.to(torch.float32).cpu().numpy()), k)
         return torch.from_numpy(ids)
 
 
-def open_bundle(path, store) -> Bundle:
-    """Open a bundle and verify it against `store` (an ImageStore or a store path) and its checksums."""
+def open_bundle(path, store, gpu: bool = False) -> Bundle:
+    """Open a bundle and verify it against `store` (an ImageStore or a store path) and its checksums.
+    gpu: search on the GPU (faiss-gpu; sq8 has no GPU version and stays on the CPU)."""
     from .store import ImageStore
 
     if not isinstance(store, ImageStore):
@@ -318,4 +332,6 @@ def open_bundle(path, store) -> Bundle:
             raise UserError(f"{f}: truncated or resized ({f.stat().st_size} bytes, manifest says {rec['size']})")
         if sha256_file(f) != rec["sha256"]:
             raise UserError(f"{f}: checksum mismatch (corrupted index file)")
-    return Bundle(path=path, manifest=manifest)
+    if gpu:
+        gpu_resources()
+    return Bundle(path=path, manifest=manifest, gpu=gpu and manifest["kind"] != "sq8")

@@ -1,0 +1,128 @@
+"""Scale run: a generated 1,000,000-image 32x32 RGB store (never committed), one patch size.
+
+Three phases, each in its own process so each reports its own peak RSS:
+  generate  smooth random colour fields (bilinear upsampling of 4x4 and 8x8 random grids, plus grain),
+            so patches have the local structure of images rather than white noise; written as a store
+  build     one index bundle for s (ivf-pq by default: 4-bit fast-scan PQ codes + ids, stride-4 blocks)
+  query     --batch forward-process queries at t: retrieval (top-k; top-k + tail) against the exact path
+Prints one JSON object; `--phase all` runs the three in order. Flips are off by default (N = 1,000,000
+virtual images; --xflip doubles N and the exact path's cost).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def peak_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+
+
+def generate(a) -> dict:
+    from pspc_index.store import write_store
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for start in range(0, a.n, 50000):
+        b = min(50000, a.n - start)
+        coarse = torch.nn.functional.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=32, mode="bilinear")
+        fine = torch.nn.functional.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=32, mode="bilinear")
+        x = 0.7 * coarse + 0.3 * fine + 0.03 * torch.randn(b, 3, 32, 32, generator=g)
+        parts.append((x.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    store = write_store(a.store, np.concatenate(parts), source=f"generated smooth fields, seed 0, n={a.n}")
+    return {"images": a.n, "seconds": round(time.perf_counter() - t0, 1),
+            "store_pixel_bytes": int(np.prod(store.images.shape)), "sha256": store.sha256[:12]}
+
+
+def build(a) -> dict:
+    from pspc_index.index import build_bundle
+
+    t0 = time.perf_counter()
+    man = build_bundle(a.store, a.bundle, [a.s], stride=a.stride, kind=a.kind, xflip=a.xflip, nlist=a.nlist,
+                       progress=True)
+    return {"kind": a.kind, "stride": a.stride, "nlist": man["nlist"], "files": len(man["files"]),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "bundle_bytes": sum(f["size"] for f in man["files"].values())}
+
+
+def query(a) -> dict:
+    from pspc_index.denoisers import PSPCSquare
+    from pspc_index.index import open_bundle
+    from pspc_index.retrieval import RetrievalPSPC
+    from pspc_index.store import ImageStore
+
+    store = ImageStore.open(a.store)
+    data = store.training_set(xflip=a.xflip)
+    bundle = open_bundle(a.bundle, store)
+    g = torch.Generator().manual_seed(1)
+    z = data.get(torch.randint(0, len(data), (a.batch,), generator=g)) + a.t * torch.randn(a.batch, *data.shape,
+                                                                                          generator=g)
+    out = {"batch": a.batch, "t": a.t, "s": a.s, "n_virtual": len(data), "rows": []}
+    results = {}
+    for tail in ("none", "sample"):
+        den = RetrievalPSPC(data, bundle, k=a.k, tail=tail, m=a.m, patch_size=a.s)
+        den(z[:1], a.t)  # loads every index once
+        t0 = time.perf_counter()
+        results[tail] = den(z, a.t)
+        out["rows"].append({"tail": tail, "k": a.k, "m": a.m if tail == "sample" else 0,
+                            "seconds": round(time.perf_counter() - t0, 2),
+                            "eps_bar_max": float(den.last_report[a.s]["eps_bar"].max()),
+                            "rel_se_max": None if tail == "none" else float(den.last_report[a.s]["rel_se"].max())})
+        print(json.dumps(out["rows"][-1]), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    exact = PSPCSquare(data, patch_size=a.s)(z, a.t)
+    out["exact_seconds"] = round(time.perf_counter() - t0, 1)
+    for row in out["rows"]:
+        err = (results[row["tail"]] - exact).double()
+        row.update({"mse_vs_exact": float((err ** 2).mean()), "max_abs_vs_exact": float(err.abs().max()),
+                    "speedup": round(out["exact_seconds"] / row["seconds"], 1)})
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", action="store_true", help="(output is always JSON)")
+    p.add_argument("--phase", choices=["all", "generate", "build", "query"], default="all")
+    p.add_argument("--dir", default="scale-run", help="where the store and bundle go (not committed)")
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--s", type=int, default=5)
+    p.add_argument("--t", type=float, default=0.585, help="the Fashion-MNIST schedule's t for s = 5")
+    p.add_argument("--kind", default="ivf-pq")
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--nlist", type=int, default=256)
+    p.add_argument("--xflip", action="store_true")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--m", type=int, default=4096)
+    a = p.parse_args()
+    a.store, a.bundle = str(Path(a.dir) / "store.zarr"), str(Path(a.dir) / "bundle")
+    if a.phase != "all":
+        res = {"generate": generate, "build": build, "query": query}[a.phase](a)
+        res["peak_rss_gb"] = peak_gb()
+        print(json.dumps(res))
+        return
+    report = {"threads": torch.get_num_threads()}
+    for phase in ("generate", "build", "query"):
+        if phase == "generate" and Path(a.store).exists():
+            continue
+        cmd = [sys.executable, __file__, "--phase", phase] + [x for x in sys.argv[1:] if x != "--json"]
+        res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        report[phase] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(json.dumps({phase: report[phase]}), file=sys.stderr, flush=True)
+    if "generate" in report and "build" in report:
+        report["bundle_over_store"] = round(report["build"]["bundle_bytes"] / report["generate"]["store_pixel_bytes"],
+                                            2)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
