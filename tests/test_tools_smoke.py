@@ -43,3 +43,9 @@ def test_bench_sampling_tiny():
                               "--exact-n", 1, "--loop-n-data", 20, "--k", 8, "--m", 16))
     assert out["retrieval"]["samples"] == 2 and out["exact"]["samples"] == 1
     assert out["naive_loop"]["seconds_per_sample_scaled"] > 0 and out["speedup_vs_loop"]["retrieval"] > 0
+
+
+def test_attribution_agreement_tiny():
+    out = json.loads(run_tool("tools/attribution_agreement.py", "--n-data", 60, "--n", 2, "--ts", "0.05",
+                              "--k", 16, "--m", 32, "--top", 3))
+    assert len(out["rows"]) == 2 and all(0 <= r["overlap_mean"] <= 1 for r in out["rows"])
