@@ -29,9 +29,10 @@ class OnlineSoftmax:
         self.m = self.z = self.acc = None
 
     def update(self, logits: torch.Tensor, combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               weights: torch.Tensor | None = None) -> None:
+               weights: torch.Tensor | None = None) -> torch.Tensor:
         """Add a chunk. `combine(w)` maps its unnormalised weights w = exp(l - m) to the accumulator's
-        shape; `weights` (same shape as logits) multiplies each term (importance weights)."""
+        shape; `weights` (broadcast to the logits) multiplies each term (importance weights). Returns w,
+        relative to the running max after this chunk (after the last chunk: w / Z are the softmax weights)."""
         # 1. new running max, and the factor that rescales what was accumulated under the old one
         m_new = logits.amax(self.dim)
         if self.m is not None:
@@ -48,6 +49,7 @@ class OnlineSoftmax:
             a = combine(w)
             self.acc = a if scale is None else self.acc * scale.reshape(*scale.shape, *[1] * (a.ndim - scale.ndim)) + a
         self.m = m_new
+        return w
 
     def logsumexp(self) -> torch.Tensor:
         return self.m + torch.log(self.z)

@@ -7,7 +7,9 @@ Per s and anchor block (stride x stride positions sharing one union-window index
      differences and box sums; FAISS distances never enter the softmax);
   3. with tail="sample", m ids drawn uniformly (with replacement) from all N, seeded by (seed, s, block)
      and shared by the block's positions and queries, enter with weight N/m, their terms zeroed where
-     the id is one of the query's candidates: an unbiased estimate of the rest of each normaliser;
+     the id is one of the query's candidates: an unbiased estimate of the rest of each normaliser. Being
+     shared, their distances and means are float64 GEMMs per location (norm expansion, whose
+     cancellation error ~1e-13 is far below 2t^2, as in empirical_mean), so m can be large;
   4. one OnlineSoftmax per position over both parts; its normalised weights give the position's patch
      mean, and the patch means are summed into the window and divided by the (global) coverage. The
      equivalent per-pixel weights a_i[p] (sum one at every pixel) are formed only for attribution.
@@ -141,54 +143,68 @@ class RetrievalPSPC(PSPCSquare):
                 raise UserError(f"{self.bundle.path}: no candidates for a query at s={s}; raise --nprobe")
             if tail:
                 tid = self.tail_ids(s, by, bx, m)
-                xt = window_u8(self.data, tid, win).to(dt) / 127.5 - 1  # [m, C, h, w]
-            # query chunks bound memory: the einsum below may materialise [r, n, C, K, s, s]
-            per_query = (k + (len(tid) if tail else 0)) * c * max((r1 - r0) * (c1 - c0), ph * pw * s * s)
+                # window pixels x and x^2 of the draws, float64, once per block: [m, 2P] (P = C h w); a
+                # location's crop is a 0/1 mask over the window, so crop dot products are GEMMs with it
+                xt = window_u8(self.data, tid, win).to(torch.float64).flatten(1) / 127.5 - 1
+                xaug = torch.cat([xt, xt * xt], 1)
+                mask = local.masks()[:, None].expand(-1, c, -1, -1).flatten(1).to(xt)  # [K, P]
+            # query chunks bound memory: the einsum below may materialise [r, k, C, K, s, s]
+            per_query = k * c * max((r1 - r0) * (c1 - c0), ph * pw * s * s) + (len(tid) * ph * pw * 4 if tail else 0)
             step = max(1, 4 * CHUNK_ELEMENTS // per_query)
             for q0 in range(0, b, step):
                 q = slice(q0, min(q0 + step, b))
                 qid, valid = ids[q].clamp_min(0), ids[q] >= 0
-                # 2. exact logits of the candidates at every position of the block: [r, k, K]
+                # 2. exact logits of the candidates at every location of the block, location-major [K, r, k]
                 xc = window_u8(self.data, qid, win).to(dt) / 127.5 - 1
                 lc = crop_logits(zw[q], xc, local, inv2t2[q]).masked_fill(~valid[..., None], -math.inf)
-                sm = OnlineSoftmax(dim=1)
-                sm.update(lc)
-                parts = [(qid, xc, lc, None, "rnyx,rncyxuv->rcyxuv")]
-                # 3. the uniform tail, candidates' terms zeroed, weight N/m
+                lc = lc.permute(2, 0, 1).contiguous()
+                sm = OnlineSoftmax(dim=2)
+                wc = sm.update(lc)
+                m_cand = sm.m
+                # 3. the uniform tail, candidates' terms zeroed, weight N/m. Its logits -a ||z_k - x_k||^2
+                # (a = 1/2t^2) = 2a z_k.x - a mask_k.x^2 - a ||z_k||^2 are one float64 GEMM: [K, r, m]
                 if tail:
-                    lt = crop_logits(zw[q], xt[None], local, inv2t2[q])
+                    a2 = inv2t2[q][None, :, None]
+                    zq = zw[q].to(torch.float64).flatten(1)[None] * mask[:, None]  # [K, r, P]: z on crop k
+                    zaug = torch.cat([2 * a2 * zq, -a2 * mask[:, None].expand_as(zq)], 2).flatten(0, 1)
+                    lt = torch.addmm(-(a2 * (zq * zq).sum(2, keepdim=True)).flatten(0, 1), zaug, xaug.T)
+                    lt = lt.view(len(mask), -1, len(tid))
                     outside = ~isin_rows(ids[q], tid)
                     wt = outside.to(torch.float64) * (1.0 if exact_tail else n / len(tid))
-                    sm.update(lt, weights=wt[..., None])
-                    parts.append((tid.expand(len(qid), -1), xt, lt, wt, "rnyx,ncyxuv->rcyxuv"))
-                # 4. normalised weights -> each position's patch mean -> summed into the window / coverage
-                means = 0
-                for pid, x, logit, wgt, eq in parts:
-                    wk = torch.exp(logit - sm.m[:, None]) / sm.z[:, None]
-                    if wgt is not None:
-                        wk = wk * wgt[..., None]
-                    if on_weights is not None:  # per-pixel weights, only when asked (attribution)
-                        on_weights(q, pid, local.uncrop(wk) * inv_cov[r0:r1, c0:c1], win)
-                    xu = x.unfold(-2, s, 1).unfold(-2, s, 1)  # [(r,) n, C, ph, pw, s, s], a view
-                    means = means + torch.einsum(eq, wk.to(dt).unflatten(-1, (ph, pw)), xu).to(torch.float64)
+                    wtail = sm.update(lt, weights=wt[None])
+                # 4. normalised weights -> each location's patch mean -> summed into the window / coverage
+                wk = wc * (torch.exp(m_cand - sm.m) / sm.z)[..., None]  # [K, r, k]
+                if on_weights is not None:  # per-pixel weights, only when asked (attribution)
+                    on_weights(q, qid, local.uncrop(wk.permute(1, 2, 0)) * inv_cov[r0:r1, c0:c1], win)
+                xu = xc.unfold(-2, s, 1).unfold(-2, s, 1)  # [r, k, C, ph, pw, s, s], a view
+                wr = wk.permute(1, 2, 0).to(dt).unflatten(-1, (ph, pw))
+                means = torch.einsum("rnyx,rncyxuv->rcyxuv", wr, xu).to(torch.float64)
                 acc = torch.zeros(means.shape[0], c, r1 - r0, c1 - c0, dtype=torch.float64, device=dev)
                 for u in range(s):
                     for v in range(s):
                         acc[:, :, u:u + ph, v:v + pw] += means[..., u, v]
+                if tail:
+                    # each location's weighted sum of whole windows, kept on its crop, summed over locations
+                    wtail_n = wtail / sm.z[..., None]  # [K, r, m]
+                    if on_weights is not None:
+                        on_weights(q, tid.expand(len(qid), -1),
+                                   local.uncrop(wtail_n.permute(1, 2, 0)) * inv_cov[r0:r1, c0:c1], win)
+                    acc += ((wtail_n @ xt) * mask[:, None]).sum(0).reshape(acc.shape)
                 out[q, :, r0:r1, c0:c1] += acc * inv_cov[r0:r1, c0:c1]
-                # report: certificate-style bound of the top-k part, tail SE, log normaliser
-                kv = valid.sum(1, keepdim=True)
+                # report per location ([K, r] -> [r, ph, pw]): certificate-style bound of the top-k part,
+                # tail relative SE, log normaliser
+                grid = lambda v: v.T.reshape(-1, ph, pw).cpu()  # noqa: E731
+                kv = valid.sum(1)[None]
                 if k < n:
                     log_rest = torch.log((n - kv).clamp_min(1).to(torch.float64)) + \
-                        lc.masked_fill(~valid[..., None], math.inf).amin(1)
-                    eb = torch.sigmoid(log_rest - torch.logsumexp(lc, 1)) * (kv < n)
-                    eps_bar[q, r0:r0 + ph, c0:c0 + pw] = eb.reshape(-1, ph, pw).cpu()
+                        lc.masked_fill(~valid[None], math.inf).amin(2)
+                    eps_bar[q, r0:r0 + ph, c0:c0 + pw] = grid(torch.sigmoid(log_rest - torch.logsumexp(lc, 2))
+                                                              * (kv < n))
                 if tail and not exact_tail and len(tid) > 1:
-                    y = torch.exp(lt - sm.m[:, None]) * outside[..., None]
-                    est = torch.exp(lc - sm.m[:, None]).sum(1) + n * y.mean(1)
-                    se = n * y.std(1) / math.sqrt(len(tid)) / est
-                    rel_se[q, r0:r0 + ph, c0:c0 + pw] = se.reshape(-1, ph, pw).cpu()
-                log_z[q, r0:r0 + ph, c0:c0 + pw] = sm.logsumexp().reshape(-1, ph, pw).cpu()
+                    y = wtail * (len(tid) / n)  # exp(l - max) of the draws, zero where a candidate
+                    est = (wc * torch.exp(m_cand - sm.m)[..., None]).sum(2) + n * y.mean(2)
+                    rel_se[q, r0:r0 + ph, c0:c0 + pw] = grid(n * y.std(2) / math.sqrt(len(tid)) / est)
+                log_z[q, r0:r0 + ph, c0:c0 + pw] = grid(sm.logsumexp())
         if world > 1:
             for x in (out, eps_bar, rel_se, log_z):
                 all_reduce_sum(x)

@@ -32,7 +32,7 @@ def test_evaluate_quick(tmp_path):
 
 
 def test_bench_index_tiny(tmp_path):
-    out = json.loads(run_tool("tools/bench_index.py", "--n-data", 100, "--batch", 2, "--k", 16, "--m", 32,
+    out = json.loads(run_tool("tools/bench_index.py", "--n-data", 100, "--batch", 2, "--k", 16, "--ms", 32,
                               "--ts", "12", "--recall-positions", 2, "--markdown", tmp_path / "t.md"))
     assert len(out["rows"]) == 4 and all(r["mse_vs_exact"] < 0.1 for r in out["rows"])
     assert all(0 <= r["recall_at_k"] <= 1 for r in out["rows"]) and (tmp_path / "t.md").exists()

@@ -58,7 +58,7 @@ def main():
     p.add_argument("--n-data", type=int, default=0, help="stored images used (0 = all 60,000)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--m", type=int, default=4096)
+    p.add_argument("--ms", default="4096", help="tail sample sizes to measure (comma-separated)")
     p.add_argument("--kinds", default="sq8,ivf-pq")
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--nprobe", type=int, default=None)
@@ -99,15 +99,16 @@ def main():
             exact_s = time.perf_counter() - t1
             for kind in kinds:
                 rec = recall_at_k(data, bundles[kind], z, s, a.k, a.recall_positions, a.nprobe, g)
-                for tail in ("none", "sample"):
-                    den = RetrievalPSPC(data, bundles[kind], k=a.k, tail=tail, m=a.m, patch_size=s, nprobe=a.nprobe)
+                for tail, m in [("none", 0)] + [("sample", int(v)) for v in a.ms.split(",")]:
+                    den = RetrievalPSPC(data, bundles[kind], k=a.k, tail=tail, m=max(m, 1), patch_size=s,
+                                        nprobe=a.nprobe)
                     t1 = time.perf_counter()
                     got = den(z, t)
                     secs = time.perf_counter() - t1
                     rep = den.last_report[s]
                     err = (got - exact).double()
                     rows.append({"step": i, "t": round(t, 4), "s": s, "kind": kind, "tail": tail, "k": a.k,
-                                 "m": a.m if tail == "sample" else 0, "recall_at_k": round(rec, 3),
+                                 "m": m, "recall_at_k": round(rec, 3),
                                  "seconds": round(secs, 2), "exact_seconds": round(exact_s, 2),
                                  "speedup": round(exact_s / secs, 1), "mse_vs_exact": float((err ** 2).mean()),
                                  "max_abs_vs_exact": float(err.abs().max()),
@@ -118,15 +119,15 @@ def main():
                                  "certified": rep["certified"]})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = {"data": f"{len(images)} Fashion-MNIST images + flips (N = {2 * len(images)})", "batch": a.batch,
-           "stride": a.stride, "k": a.k, "m": a.m, "nprobe": a.nprobe, "threads": torch.get_num_threads(),
+           "stride": a.stride, "k": a.k, "ms": a.ms, "nprobe": a.nprobe, "threads": torch.get_num_threads(),
            "builds": builds, "rows": rows}
     print(json.dumps(out, indent=1))
     if a.markdown:
-        lines = ["| t | s | index | tail | recall@k | s/call | exact s/call | speedup | MSE vs exact | max abs "
+        lines = ["| t | s | index | tail m | recall@k | s/call | exact s/call | speedup | MSE vs exact | max abs "
                  "| eps_bar median / max | tail rel. SE median / max |", "|" + "---|" * 12]
         for r in rows:
             se = "-" if r["rel_se_max"] is None else f"{r['rel_se_median']:.2g} / {r['rel_se_max']:.2g}"
-            lines.append(f"| {r['t']} | {r['s']} | {r['kind']} | {r['tail']} | {r['recall_at_k']} | {r['seconds']} "
+            lines.append(f"| {r['t']} | {r['s']} | {r['kind']} | {r['m'] or 'none'} | {r['recall_at_k']} | {r['seconds']} "
                          f"| {r['exact_seconds']} | {r['speedup']}x | {r['mse_vs_exact']:.1e} "
                          f"| {r['max_abs_vs_exact']:.2g} | {r['eps_bar_median']:.2g} / {r['eps_bar_max']:.2g} "
                          f"| {se} |")
