@@ -225,7 +225,7 @@ def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule,
 @click.argument("bundle_path", type=click.Path())
 @click.option("--patch-sizes", default=None,
               help="Comma-separated sizes, e.g. 3,5,7 (default: the schedule's sizes below full size).")
-@click.option("--index", "kind", type=click.Choice(KINDS), default="sq8", show_default=True,
+@click.option("--index", "kind", type=click.Choice(KINDS), default="ivf-pq", show_default=True,
               help="FAISS index per block: exact flat, 8-bit sq8, or inverted lists (ivf-*) over k-means cells.")
 @click.option("--stride", type=int, default=4, show_default=True, help="Anchor block side (positions per index).")
 @click.option("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N)).")

@@ -114,13 +114,17 @@ def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool =
             raise UserError("--gpu: faiss-gpu has no plain sq8 index; use flat, ivf-flat, ivf-sq8 or ivf-pq")
         res = gpu_resources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
-    if not index.is_trained:
-        n_train = TRAIN_MAX if kind == "sq8" else min(TRAIN_MAX, max(64 * nlist, 16384))
-        rng = np.random.default_rng(np.random.SeedSequence([n, d, win[0], win[2]]))
-        sample = np.sort(rng.choice(n, n_train, replace=False)) if n > n_train else np.arange(n)
-        index.train(index_vectors(data, win, torch.from_numpy(sample)))
-    for start in range(0, n, chunk):
-        index.add(index_vectors(data, win, torch.arange(start, min(start + chunk, n))))
+    try:
+        if not index.is_trained:
+            n_train = TRAIN_MAX if kind == "sq8" else min(TRAIN_MAX, max(64 * nlist, 16384))
+            rng = np.random.default_rng(np.random.SeedSequence([n, d, win[0], win[2]]))
+            sample = np.sort(rng.choice(n, n_train, replace=False)) if n > n_train else np.arange(n)
+            index.train(index_vectors(data, win, torch.from_numpy(sample)))
+        for start in range(0, n, chunk):
+            index.add(index_vectors(data, win, torch.arange(start, min(start + chunk, n))))
+    except RuntimeError as e:  # FAISS refusals (e.g. fewer training patches than PQ centroids)
+        msg = [ln for ln in str(e).splitlines() if "Error" in ln or ln.strip()][-1].strip()
+        raise UserError(f"FAISS could not build the {kind} index over {n} patches: {msg[:200]}") from None
     return faiss.index_gpu_to_cpu(index) if gpu else index
 
 
@@ -162,7 +166,7 @@ def _versions() -> dict:
     return {"faiss": faiss.__version__, "torch": torch.__version__.split("+")[0], "numpy": np.__version__}
 
 
-def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "sq8",
+def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "ivf-pq",
                  xflip: bool = True, nlist: int | None = None, pq_m: int = 32, gpu: bool = False,
                  progress: bool = True, rank: int = 0, world: int = 1) -> dict:
     """Build (or finish) an index bundle for a store; returns the manifest.
