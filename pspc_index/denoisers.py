@@ -167,13 +167,13 @@ class PSPCSquare(Denoiser):
     def window_mean(self, z, t, crops, rows, on_weights=None, coverage=None):
         """composite_mean over image rows r0:r1 (crops local to them), with the weights hook adapted."""
         r0, r1 = rows
-        dense = None
-        if on_weights is not None:
-            def dense(start, a):
-                ids = torch.arange(start, start + a.shape[1], device=a.device).expand(len(z), -1)
-                on_weights(slice(0, len(z)), ids, a, (r0, r1, 0, z.shape[-1]))
+
+        def dense(start, a):
+            ids = torch.arange(start, start + a.shape[1], device=a.device).expand(len(z), -1)
+            on_weights(slice(0, len(z)), ids, a, (r0, r1, 0, z.shape[-1]))
         data = self.data if (r0, r1) == (0, z.shape[-2]) else self.data.rows(r0, r1)
-        return composite_mean(z[:, :, r0:r1], t, data, crops, dtype=self.dtype, on_weights=dense, coverage=coverage)
+        return composite_mean(z[:, :, r0:r1], t, data, crops, dtype=self.dtype,
+                              on_weights=None if on_weights is None else dense, coverage=coverage)
 
 
 class PSPCFlex(Denoiser):

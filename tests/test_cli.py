@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from pspc_index.cli import cli
-from pspc_index.denoisers import Empirical, PSPCSquare
+from pspc_index.denoisers import PSPCSquare
 from pspc_index.store import ImageStore
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pspc_index.denoisers import PSPCSquare
-from pspc_index.index import blocks, build_bundle, open_bundle, window_u8
+from pspc_index.index import blocks, build_bundle, open_bundle
 from pspc_index.ingest import read_source
 from pspc_index.retrieval import RetrievalPSPC
 from pspc_index.schedule import FASHION_MNIST

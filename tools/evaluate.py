@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -249,7 +248,7 @@ class Eval:
         if fwd:
             opt = [(r["t"], r["optimal"]) for r in fwd]
             peak = max(opt, key=lambda p: p[1])
-            lo, hi = opt[0], opt[-1]  # sorted by index = descending t -> opt[0] is largest t
+            # sorted by index = descending t: opt[0] is the largest t
             hi_t, lo_t = opt[0], min(opt, key=lambda p: p[0])
             holds = peak[1] > 3 * hi_t[1] and peak[1] > 3 * lo_t[1] and lo_t[0] < peak[0] < hi_t[0]
             big = [p for p in opt if p[0] > 8]
