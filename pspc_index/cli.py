@@ -228,7 +228,7 @@ def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule,
 @click.option("--index", "kind", type=click.Choice(KINDS), default="ivf-pq", show_default=True,
               help="FAISS index per block: exact flat, 8-bit sq8, or inverted lists (ivf-*) over k-means cells.")
 @click.option("--stride", type=int, default=4, show_default=True, help="Anchor block side (positions per index).")
-@click.option("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N)).")
+@click.option("--nlist", type=int, default=None, help="IVF cells (default about sqrt(N)).")
 @click.option("--pq-m", type=int, default=32, show_default=True,
               help="ivf-pq: 4-bit sub-quantizers per code (at most; M/2 bytes a patch).")
 @click.option("--gpu", is_flag=True, help="Train and add on the GPU (needs faiss-gpu and CUDA).")

@@ -85,6 +85,12 @@ def factory_spec(kind: str, d: int, nlist: int, pq_m: int) -> str:
     raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
 
 
+def faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 _GPU = {}
 
 
@@ -92,7 +98,7 @@ def gpu_resources():
     """The one StandardGpuResources shared by every GPU index of the process (faiss-gpu only)."""
     import faiss
 
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+    if not faiss_has_gpu():
         raise UserError("--gpu needs faiss-gpu and a CUDA device (pip install -e '.[gpu]'); this faiss has none")
     if "res" not in _GPU:
         _GPU["res"] = faiss.StandardGpuResources()
@@ -247,12 +253,6 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     if world > 1:
         dist.barrier()
     return manifest
-
-
-def faiss_has_gpu() -> bool:
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 @dataclass

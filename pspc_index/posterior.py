@@ -68,6 +68,12 @@ def chunk_size(batch: int, per_image: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, batch * per_image))
 
 
+def crop_sq_dists(z: torch.Tensor, x: torch.Tensor, crops) -> torch.Tensor:
+    """||z_C - x_C||^2 of every crop C, by direct differences (never the norm expansion) and crop sums:
+    z [B, C, H, W], x [B or 1, n, C, H, W] -> [B, n, K]."""
+    return crops.crop_sums(((x - z[:, None]) ** 2).sum(2))
+
+
 def empirical_mean(z: torch.Tensor, t, data: TrainingSet, chunk: int | None = None) -> torch.Tensor:
     """Optimal denoiser D*(z, t), one streaming pass. Distances use the norm expansion in float64,
     whose cancellation error (~1e-13 here) is far below 2 t^2 even at t = 0.002."""
@@ -103,9 +109,7 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, dtype=torch.flo
     chunk = chunk or chunk_size(b, h * w * max(z.shape[1], len(crops) // (h * w) + 1))
 
     def crop_logits(x):
-        # per-pixel squared difference summed over channels [B, n, H, W], summed over each crop
-        sq = ((zc[:, None] - x[None]) ** 2).sum(2)
-        return -crops.crop_sums(sq) * inv2t2
+        return -crop_sq_dists(zc, x[None], crops) * inv2t2
 
     # pass 1: log normaliser of every crop's posterior, [B, K]
     sm = OnlineSoftmax(dim=1)

@@ -34,18 +34,11 @@ from .distributed import all_reduce_sum, split_range
 from .errors import UserError
 from .geometry import SquareCrops
 from .index import Bundle, blocks, window_u8
-from .posterior import CHUNK_ELEMENTS, OnlineSoftmax
+from .posterior import CHUNK_ELEMENTS, OnlineSoftmax, crop_sq_dists
 from .schedule import Schedule
 from .store import TrainingSet
 
 TOL_GROWTH = (1, 4, 16)  # --tol: k and m multipliers tried before the exact fallback
-
-
-def crop_logits(zw: torch.Tensor, x: torch.Tensor, crops: SquareCrops, inv2t2: torch.Tensor) -> torch.Tensor:
-    """-||z_C - x_C||^2 / 2t^2 of every crop C of a window: zw [B, C, h, w], x [B or 1, n, C, h, w]
-    -> [B, n, K] float64, by direct differences (no norm expansion) and box sums."""
-    sq = ((x - zw[:, None]) ** 2).sum(2)
-    return -crops.crop_sums(sq).to(torch.float64) * inv2t2[:, None, None]
 
 
 def isin_rows(ids: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -156,7 +149,8 @@ class RetrievalPSPC(PSPCSquare):
                 qid, valid = ids[q].clamp_min(0), ids[q] >= 0
                 # 2. exact logits of the candidates at every location of the block, location-major [K, r, k]
                 xc = window_u8(self.data, qid, win).to(dt) / 127.5 - 1
-                lc = crop_logits(zw[q], xc, local, inv2t2[q]).masked_fill(~valid[..., None], -math.inf)
+                lc = -crop_sq_dists(zw[q], xc, local).to(torch.float64) * inv2t2[q][:, None, None]
+                lc = lc.masked_fill(~valid[..., None], -math.inf)
                 lc = lc.permute(2, 0, 1).contiguous()
                 sm = OnlineSoftmax(dim=2)
                 wc = sm.update(lc)

@@ -42,9 +42,9 @@ def exact(z, t, data, s):
     return empirical_mean(z, t, data) if s == h else composite_mean(z, t, data, SquareCrops(h, w, s))
 
 
-def timed(f, *args):
+def timed(f, *args, **kwargs):
     t0 = time.perf_counter()
-    out = f(*args)
+    out = f(*args, **kwargs)
     return out, time.perf_counter() - t0
 
 

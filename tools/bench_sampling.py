@@ -15,14 +15,13 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_exact import loop_pspc_square  # noqa: E402
+from bench_exact import loop_pspc_square, timed  # noqa: E402
 
 from pspc_index.denoisers import PSPCSquare  # noqa: E402
 from pspc_index.distributed import estimate_memory  # noqa: E402
@@ -32,12 +31,6 @@ from pspc_index.retrieval import RetrievalPSPC  # noqa: E402
 from pspc_index.sampler import sample  # noqa: E402
 from pspc_index.schedule import FASHION_MNIST, karras_grid  # noqa: E402
 from pspc_index.store import TrainingSet, write_store  # noqa: E402
-
-
-def timed(f, *args, **kw):
-    t0 = time.perf_counter()
-    out = f(*args, **kw)
-    return out, time.perf_counter() - t0
 
 
 def main():
