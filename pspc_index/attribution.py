@@ -25,6 +25,7 @@ import torch
 
 from .denoisers import PSPCSquare, as_t
 from .errors import UserError
+from .outputs import save_png
 
 
 class TopMaps(NamedTuple):
@@ -186,9 +187,6 @@ def attribution_panel(path, query_image, top_images, top_maps, shares) -> None:
     query_image [B, C, H, W] (or [C, H, W]) in [-1, 1]; top_images [B, m, C, H, W] in [-1, 1];
     top_maps [B, m, H, W]; shares [B, m] (titles). Written atomically.
     """
-    import os
-    from pathlib import Path
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,11 +210,8 @@ def attribution_panel(path, query_image, top_images, top_maps, shares) -> None:
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_png(path, fig)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _load_npy(path, what: str) -> np.ndarray:

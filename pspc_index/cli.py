@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from .errors import UserError
 from .index import KINDS
+from .outputs import FILE, claim, save_npy, start_demo_dir, write_grid
 
 DENOISERS = ("empirical", "gaussian", "cfdm", "pspc-square", "pspc-flex", "network")
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -36,17 +36,6 @@ def user_errors(f):
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             fail(f"{e.filename}: {e.strerror}")
     return wrapper
-
-
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    """Write a .npy atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_z(path: str, shape) -> torch.Tensor:
@@ -76,6 +65,8 @@ network_opt = click.option("--network", "network_path", type=click.Path(), defau
                            help="Network weights stem (default: the shipped Fashion-MNIST U-Net).")
 heatmaps_opt = click.option("--heatmaps", "heatmaps_path", type=click.Path(), default=None,
                             help="Heatmaps .zarr for pspc-flex (default: the shipped ones).")
+overwrite_opt = click.option("--overwrite", is_flag=True,
+                              help="Replace existing outputs (only files, or pspc-index artefacts of the same kind).")
 device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 
 
@@ -111,18 +102,20 @@ def denoiser_options(f):
     return f
 
 
-def build_denoiser(store_path, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
+def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
                    heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tail: str = "sample"):
-    """Open the store and make the named denoiser (the API the CLI shells over)."""
+    """Make the named denoiser over `store` (an opened ImageStore or a store path; the API the CLI shells
+    over)."""
     from . import denoisers as dn
     from .schedule import get_schedule
     from .store import ImageStore
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine")
-    store = ImageStore.open(store_path)
+    if not isinstance(store, ImageStore):
+        store = ImageStore.open(store)
     data = store.training_set(xflip=xflip, device=device)
-    sched = get_schedule(schedule, store.shape[2])
+    sched = get_schedule(schedule, *store.shape[2:])
     if retrieval and retrieval.get("index_path"):
         from .index import faiss_has_gpu, open_bundle
         from .retrieval import RetrievalPSPC
@@ -160,12 +153,13 @@ def cli():
 @click.argument("src")
 @click.argument("out", type=click.Path())
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Layout of a .npy/.npz source.")
+@overwrite_opt
 @user_errors
-def ingest(src, out, layout):
+def ingest(src, out, layout, overwrite):
     """Write SRC (image folder, EDM zip, .npy/.npz, CIFAR-10 tar, IDX .gz, or `fashion-mnist`) as a store."""
     from .ingest import ingest as run
 
-    store = run(src, out, layout=layout)
+    store = run(src, out, layout=layout, overwrite=overwrite)
     click.echo(f"wrote {out}: {store.shape[0]} images of {store.shape[1]}x{store.shape[2]}x{store.shape[3]}"
                f" (sha256 {store.sha256[:12]})")
 
@@ -183,11 +177,16 @@ def info(store_path, as_json):
     n, c, h, w = store.shape
     rep = {"path": str(store_path), "images": n, "channels": c, "height": h, "width": w,
            "with_flips": 2 * n, "labels": store.labels is not None, "source": store.meta.get("source", ""),
-           "sha256": store.sha256, "bytes": int(store.images.nbytes),
-           "default_schedule": default_schedule(h).name}
+           "sha256": store.sha256, "recorded_sha256": store.recorded_sha256,
+           "edited_in_place": store.edited_in_place, "bytes": int(store.images.nbytes),
+           "default_schedule": default_schedule(h, w).name}
     if store.labels is not None:
         rep["classes"] = int(len(np.unique(store.labels)))
     click.echo(json.dumps(rep, indent=1) if as_json else "\n".join(f"{k}: {v}" for k, v in rep.items()))
+    if store.edited_in_place:
+        click.echo(f"pspc-index: warning: {store_path}: the images were rewritten since ingest (sha256 "
+                   f"{store.sha256[:12]} as read, {str(store.recorded_sha256)[:12]} recorded); bundles and sample "
+                   "runs made before the change are refused", err=True)
 
 
 @cli.command()
@@ -198,20 +197,24 @@ def info(store_path, as_json):
               help="Without --z: draw this many forward-process z = x + t eps from the store.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy.")
+@overwrite_opt
 @denoiser_options
 @user_errors
-def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule, xflip, network_path,
+def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size, schedule, xflip, network_path,
             heatmaps_path, device, retrieval):
     """Denoise z at noise level t and write D(z, t) as .npy."""
+    from .store import ImageStore
+
+    claim(out, FILE, overwrite)
     if not np.isfinite(t) or t <= 0:
         raise UserError(f"--t must be finite and > 0, got {t}")
-    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
+    store = ImageStore.open(store_path)
+    den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
                          retrieval)
     if z_path is not None:
         z = load_z(z_path, den.shape)
     else:
-        from .store import ImageStore
-        data = ImageStore.open(store_path).training_set(xflip)
+        data = store.training_set(xflip)
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(0, len(data), (n,), generator=g)
         z = data.get(idx) + t * torch.randn(n, *data.shape, generator=g)
@@ -233,9 +236,10 @@ def denoise(store_path, z_path, t, n, seed, out, denoiser, patch_size, schedule,
               help="ivf-pq: 4-bit sub-quantizers per code (at most; M/2 bytes a patch).")
 @click.option("--gpu", is_flag=True, help="Train and add on the GPU (needs faiss-gpu and CUDA).")
 @xflip_opt
+@overwrite_opt
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, xflip, as_json):
+def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, xflip, overwrite, as_json):
     """Build (or resume) an index bundle for STORE at BUNDLE; under torchrun the index files are split
     over the processes."""
     from .distributed import init_distributed
@@ -244,7 +248,7 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
     from .store import ImageStore
 
     if patch_sizes is None:
-        sizes = default_schedule(ImageStore.open(store_path).shape[2]).sizes_below_full()
+        sizes = default_schedule(*ImageStore.open(store_path).shape[2:]).sizes_below_full()
     else:
         try:
             sizes = [int(v) for v in patch_sizes.split(",") if v.strip()]
@@ -252,7 +256,7 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
             raise UserError(f"--patch-sizes {patch_sizes!r}: expected comma-separated integers") from None
     rank, world = init_distributed("cuda" if gpu else "cpu")
     man = build_bundle(store_path, bundle_path, sizes, stride=stride, kind=kind, xflip=xflip, nlist=nlist,
-                       pq_m=pq_m, gpu=gpu, progress=not as_json, rank=rank, world=world)
+                       pq_m=pq_m, gpu=gpu, progress=not as_json, rank=rank, world=world, overwrite=overwrite)
     if rank != 0:
         return
     nbytes = sum(f["size"] for f in man["files"].values())
@@ -263,33 +267,12 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
                f"wrote {bundle_path}: {len(man['files'])} {kind} indices for s={man['patch_sizes']} ({nbytes} bytes)")
 
 
-def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> None:
-    """PNG grid of images in [-1, 1]."""
-    from PIL import Image
-    from .store import to_uint8
-
-    u8 = to_uint8(x)
-    n, c, h, w = u8.shape
-    ncol = ncol or int(np.ceil(np.sqrt(n)))
-    nrow = int(np.ceil(n / ncol))
-    grid = np.zeros((c, nrow * (h + 2) + 2, ncol * (w + 2) + 2), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = u8[i]
-    img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
-    scale = max(1, 256 // (w + 2) // max(1, ncol // 4))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
 @cli.command()
 @store_opt
 @click.option("--n", "-n", "n", type=int, default=16, show_default=True,
               help="Number of samples (under torchrun write -n: torchrun reads --n as its own option).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out", type=click.Path(), required=True, help="Samples: .npy or .zarr.")
+@click.option("--out", "out", type=click.Path(), required=True, help="Samples: .npy or .zarr (resumable).")
 @click.option("--steps", type=int, default=18, show_default=True)
 @click.option("--sampler", "solver", type=click.Choice(["euler", "heun"]), default="euler", show_default=True)
 @click.option("--batch", default="64", show_default=True,
@@ -300,13 +283,15 @@ def write_grid(path: str | Path, x: torch.Tensor, ncol: int | None = None) -> No
               help="Under torchrun: split the samples, or the crop locations (each process holds only its "
                    "locations' indices; composites summed with all-reduce).")
 @click.option("--record", is_flag=True, help="Also keep the trajectory (z and D at every step).")
+@overwrite_opt
 @denoiser_options
 @user_errors
-def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, record, denoiser, patch_size, schedule,
-           xflip, network_path, heatmaps_path, device, retrieval):
+def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, record, overwrite, denoiser, patch_size,
+           schedule, xflip, network_path, heatmaps_path, device, retrieval):
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
-    from .distributed import init_distributed, launched_distributed
-    from .sampler import sample as run
+    from .distributed import SAMPLES, init_distributed, launched_distributed, resolve_batch, run_meta, sample_to_zarr
+    from .sampler import sample as run, save_samples
+    from .store import ImageStore
 
     if not str(out).endswith((".npy", ".zarr")):
         raise UserError(f"--out {out}: use a .npy or .zarr path")
@@ -319,107 +304,41 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         raise UserError(f"--out {out}: under torchrun, write a resumable .zarr (e.g. --out samples.zarr)")
     if split == "locations" and denoiser != "pspc-square":
         raise UserError(f"--split locations splits PSPC-Square's crop locations; not for {denoiser}")
+    # every output is claimed before any work: a resumed run owns its grid, anything else needs --overwrite
+    png = Path(str(out).rsplit(".", 1)[0] + ".png")
+    resuming = zarr_out and claim(out, SAMPLES, resume=True).exists()
+    claim(png, FILE, overwrite or resuming)
+    if record and not zarr_out:
+        claim(str(out)[:-4] + ".trajectory.npz", FILE, overwrite)
+    if not zarr_out:
+        claim(out, FILE, overwrite)
     rank, world = init_distributed(device) if zarr_out else (0, 1)
-    den = build_denoiser(store_path, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
+    store = ImageStore.open(store_path)  # opened once: loading hashes the pixels, which the run records
+    den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
                          retrieval)
     if split == "locations":
         den.locations = (rank, world)
     batch = resolve_batch(batch, memory_gb, den, n, steps, record, device, out if zarr_out else None)
-    if zarr_out:
-        return sample_zarr(den, store_path, n, seed, out, steps, solver, batch, split, record, rank, world,
-                           denoiser, patch_size, schedule, xflip, network_path, heatmaps_path, retrieval)
-    res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record, progress=True)
-    x = res[0] if record else res
-    write_samples(out, x, res[1] if record else None,
-                  {"seed": seed, "steps": steps, "sampler": solver, "denoiser": denoiser, "xflip": xflip})
-    png = Path(str(out).rsplit(".", 1)[0] + ".png")
-    write_grid(png, x)
-    click.echo(f"wrote {out} ({n} samples, batch {batch}) and {png}")
-
-
-def available_memory(device: str) -> int:
-    """Bytes available now: free GPU memory on cuda, else MemAvailable from /proc/meminfo (Linux)."""
-    if device == "cuda":
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise UserError("cannot read the available memory here; give --memory-gb")
-
-
-def resolve_batch(batch: str, memory_gb, den, n, steps, record, device, zarr_out) -> int:
-    """--batch as an int; 'auto' fits the memory budget, or reuses the batch a resumed .zarr run recorded."""
-    import zarr
-    from .distributed import fit_batch
-
-    if batch != "auto":
-        return int(batch)
-    if zarr_out is not None and Path(zarr_out).exists():
-        try:
-            return int(zarr.open_group(str(zarr_out), mode="r").attrs["batch"])
-        except Exception:
-            pass  # not a sample run: sample_to_zarr reports it
-    if memory_gb is not None and memory_gb <= 0:
-        raise UserError(f"--memory-gb must be > 0, got {memory_gb}")
-    budget = memory_gb * 2 ** 30 if memory_gb is not None else available_memory(device) / 2
-    return fit_batch(den, n, steps, record, budget)
-
-
-def sample_zarr(den, store_path, n, seed, out, steps, solver, batch, split, record, rank, world, denoiser,
-                patch_size, schedule, xflip, network_path, heatmaps_path, retrieval):
-    """`sample --out X.zarr`: resumable, batch-by-batch; split over processes when run under torchrun."""
-    import zarr
-    from .distributed import sample_to_zarr
-
-    try:
-        sha = zarr.open_group(str(store_path), mode="r").attrs.get("sha256")
-    except Exception:
-        sha = None
-    meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
-            "store_sha256": sha, "retrieval": {k: (str(v) if k == "index_path" and v is not None else v)
-                                               for k, v in (retrieval or {}).items()}}
-    if denoiser == "network":
-        meta["network"] = str(network_path or DEFAULT_NETWORK)
-    if denoiser == "pspc-flex":
-        meta["heatmaps"] = str(heatmaps_path or DEFAULT_HEATMAPS)
+    if not zarr_out:
+        res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record, progress=True)
+        x = res[0] if record else res
+        save_samples(out, x, res[1] if record else None)
+        write_grid(png, x)
+        click.echo(f"wrote {out} ({n} samples, batch {batch}) and {png}")
+        return
+    meta = run_meta(store.sha256, denoiser, xflip, patch_size, schedule, retrieval,
+                    network=str(network_path or DEFAULT_NETWORK) if denoiser == "network" else None,
+                    heatmaps=str(heatmaps_path or DEFAULT_HEATMAPS) if denoiser == "pspc-flex" else None)
     x = sample_to_zarr(den, out, n, seed, steps=steps, solver=solver, batch=batch, record=record,
                        progress=True, rank=rank, world=world, meta=meta, split=split)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank != 0:
         return
-    png = Path(str(out).rsplit(".", 1)[0] + ".png")
     if x is not None:
         write_grid(png, torch.from_numpy(x[:256]))
     how = f", {world} processes split by {split}" if world > 1 else ""
     click.echo(f"wrote {out} ({n} samples, batch {batch}{how}) and {png}")
-
-
-def write_samples(out, x: torch.Tensor, traj, meta: dict) -> None:
-    """Samples as .npy (trajectory beside it as <stem>.trajectory.npz) or as a zarr group."""
-    x = x.cpu().numpy().astype(np.float32)
-    if str(out).endswith(".npy"):
-        save_npy(out, x)
-        if traj is not None:
-            stem = str(out)[:-4]
-            tmp = f"{stem}.trajectory.tmp.npz"
-            np.savez(tmp, ts=traj.ts.numpy(), z=traj.z.numpy(), denoised=traj.denoised.numpy())
-            os.replace(tmp, f"{stem}.trajectory.npz")
-        return
-    import zarr
-    from .store import atomic_dir, commit_dir
-    tmp = atomic_dir(Path(out))
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    root.create_array("samples", data=x)
-    if traj is not None:
-        root.create_array("ts", data=traj.ts.numpy())
-        root.create_array("z", data=traj.z.numpy())
-        root.create_array("denoised", data=traj.denoised.numpy())
-    root.attrs.update(meta)
-    commit_dir(tmp, Path(out))
 
 
 @cli.command()
@@ -435,8 +354,7 @@ def demo(out_dir, n, seed, n_data):
     from .ingest import ingest as run_ingest
     from .sampler import sample as run
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_demo_dir(out_dir)
     store_path = out / "fashion-mnist.zarr"
     if not store_path.exists():
         click.echo("ingesting the bundled Fashion-MNIST training set ...")
@@ -468,10 +386,11 @@ def demo(out_dir, n, seed, n_data):
 @patch_opt
 @schedule_opt
 @xflip_opt
+@overwrite_opt
 @retrieval_opts
 @user_errors
-def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, patch_size, schedule, xflip,
-              retrieval):
+def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, overwrite, patch_size,
+              schedule, xflip, retrieval):
     """PSPC-Square attribution: each training image's share of D(z, t) (or of a recorded sample), exact or,
     with --index, over the retrieved candidates."""
     from . import attribution as at
@@ -486,9 +405,12 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         raise UserError("--t does not apply to --trajectory (its noise levels are recorded)")
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    den = build_denoiser(store_path, "pspc-square", xflip, patch_size, schedule, retrieval=retrieval,
+    if panel is not None:
+        claim(panel, FILE, overwrite)
+    store = ImageStore.open(store_path)
+    den = build_denoiser(store, "pspc-square", xflip, patch_size, schedule, retrieval=retrieval,
                          default_tail="none")
-    labels = ImageStore.open(store_path).labels
+    labels = store.labels
     want_maps = panel is not None
     if traj_path is not None:
         ts, zs, ds = at.load_trajectory(traj_path, den.shape)

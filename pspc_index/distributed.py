@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outputs import SAMPLES
 
-FORMAT = "pspc-index-samples"
+FORMAT = SAMPLES
 
 
 def launched_distributed() -> bool:
@@ -114,6 +115,50 @@ def fit_batch(denoiser, n: int, steps: int, record: bool, budget_bytes: float) -
     return lo
 
 
+def available_memory(device: str) -> int:
+    """Bytes available now: free GPU memory on cuda, else MemAvailable from /proc/meminfo (Linux)."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise UserError("cannot read the available memory here; give --memory-gb")
+
+
+def resolve_batch(batch: str, memory_gb: float | None, denoiser, n: int, steps: int, record: bool, device: str,
+                  zarr_out=None) -> int:
+    """`--batch` as an int. 'auto': the batch a resumed .zarr run recorded, else the largest that fits
+    `memory_gb` GiB (default: half of `available_memory`). Raises UserError for a budget <= 0."""
+    import zarr
+
+    if batch != "auto":
+        return int(batch)
+    if zarr_out is not None and Path(zarr_out).exists():
+        try:
+            return int(zarr.open_group(str(zarr_out), mode="r").attrs["batch"])
+        except Exception:
+            pass  # not a sample run: sample_to_zarr reports it
+    if memory_gb is not None and memory_gb <= 0:
+        raise UserError(f"--memory-gb must be > 0, got {memory_gb}")
+    budget = memory_gb * 2 ** 30 if memory_gb is not None else available_memory(device) / 2
+    return fit_batch(denoiser, n, steps, record, budget)
+
+
+def run_meta(store_sha256: str, denoiser: str, xflip: bool, patch_size, schedule, retrieval: dict | None,
+             **extra) -> dict:
+    """What a resumable sample run records of its denoiser, so a resume with other settings is refused.
+    store_sha256: the store's content hash as read now (ImageStore.sha256), so a resume on pixels edited
+    in place is refused too."""
+    meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
+            "store_sha256": store_sha256, "retrieval": {k: (str(v) if k == "index_path" and v is not None else v)
+                                               for k, v in (retrieval or {}).items()}}
+    meta.update({k: v for k, v in extra.items() if v is not None})
+    return meta
+
+
 def _dist():
     import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() else None
@@ -173,6 +218,9 @@ def _open_checked(out: Path, settings: dict):
     if attrs.get("format") != FORMAT or "done" not in root:
         raise UserError(f"{out}: exists and is not a resumable sample run; remove it or choose another --out")
     want = {k: _jsonable(v) for k, v in settings.items()}
+    if attrs.get("store_sha256") != want.get("store_sha256"):
+        raise UserError(f"{out}: was sampled from store content {str(attrs.get('store_sha256'))[:12]}, the store "
+                        f"now holds {str(want.get('store_sha256'))[:12]} (changed since); choose another --out")
     diff = [k for k in sorted(set(want) | set(attrs)) if attrs.get(k) != want.get(k)]
     if diff:
         k = diff[0]
@@ -217,7 +265,7 @@ def sample_to_zarr(denoiser, out_path, n: int, seed: int, steps: int = 18, solve
     err = None
     if rank == 0 or dist is None:
         try:
-            if not out.exists():
+            if not out.exists() or not any(out.iterdir()):
                 _create(out, settings, shape, n_batches)
             _open_checked(out, settings)
         except UserError as e:

@@ -8,7 +8,10 @@ retrieval rescales nothing from FAISS, it only takes candidate ids.
 
 Kinds: flat (exact L2 search), sq8 (1 byte per dimension), ivf-flat / ivf-sq8 / ivf-pq (inverted
 lists over nlist k-means cells, searched in nprobe of them; ivf-pq: M/2 bytes per patch, M <= pq_m).
-Every kind only proposes candidates; their distances are recomputed from the store.
+Every kind only proposes candidates; their distances are recomputed from the store. Duplicate patches
+(black backgrounds, constant images) leave k-means cells empty: a block whose clustering collapsed is
+indexed flat instead (recorded as the file's "kind"), and a search whose probed lists hold fewer than k
+patches widens its probe, up to every list, so every query gets min(k, N) candidates.
 
 Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block) and `manifest.json`
 (written last). Files are written under temporary names and renamed; a progress journal lets a killed
@@ -27,10 +30,11 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outputs import BUNDLE, claim
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
-FORMAT = "pspc-index-bundle"
+FORMAT = BUNDLE
 FORMAT_VERSION = 1
 KINDS = ("sq8", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
 TRAIN_MAX = 262144  # most training points of a quantizer (k-means cells, SQ ranges, PQ codebooks)
@@ -134,6 +138,29 @@ def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool =
     return faiss.index_gpu_to_cpu(index) if gpu else index
 
 
+def collapsed(index) -> bool:
+    """Whether an IVF index's k-means collapsed: fewer than half of its lists hold a patch.
+
+    FAISS re-splits empty cells while training, so on varied data every list fills. Many empty lists
+    mean the block has fewer distinct patches than lists (its duplicates all fall in one cell, the
+    split-off copies stay empty): the cells prune nothing, and queries whose nearest centroids are the
+    empty copies would have to widen their probe to every list, a flat scan with extra steps."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    filled = sum(ivf.invlists.list_size(i) > 0 for i in range(ivf.nlist))
+    return 2 * filled < ivf.nlist
+
+
+def block_index(data, win, kind: str, nlist: int, pq_m: int, gpu: bool):
+    """(index, kind) of one block: `make_index` of `kind`, or a flat index where IVF k-means collapsed
+    (float32, 4 d bytes a patch: larger than ivf-pq codes, but only on such duplicate-heavy blocks)."""
+    index = make_index(data, win, kind, nlist, pq_m, gpu)
+    if kind.startswith("ivf") and collapsed(index):
+        return make_index(data, win, "flat", gpu=gpu), "flat"
+    return index, kind
+
+
 def default_nlist(n: int) -> int:
     """About sqrt(N) inverted lists (k-means training cost grows with nlist^2 here; candidates are
     rescored exactly, so coarse cells cost little accuracy), at least 39 training points per list."""
@@ -174,8 +201,11 @@ def _versions() -> dict:
 
 def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "ivf-pq",
                  xflip: bool = True, nlist: int | None = None, pq_m: int = 32, gpu: bool = False,
-                 progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+                 progress: bool = True, rank: int = 0, world: int = 1, overwrite: bool = False) -> dict:
     """Build (or finish) an index bundle for a store; returns the manifest.
+
+    An unfinished or finished bundle at `bundle_path` built with the same settings is resumed; one built
+    with other settings is rebuilt only with `overwrite`; any other existing path is refused (UserError).
 
     With world > 1 (an initialised torch.distributed group, e.g. under torchrun), process `rank` builds
     every world-th index file; the file records are gathered and rank 0 writes the manifest.
@@ -197,9 +227,10 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     if not sizes:
         raise UserError("no patch sizes to index")
     for s in sizes:
-        if not 1 <= s < min(h, w):
-            raise UserError(f"patch size {s} is outside 1..{min(h, w) - 1} for {h}x{w} images "
-                            f"(full size is the exact empirical denoiser)")
+        # crops fit the short side; a crop that is the whole image (square stores) is the exact empirical denoiser
+        if not 1 <= s <= min(h, w) - (h == w):
+            raise UserError(f"patch size {s} is outside 1..{min(h, w) - (h == w)} for {h}x{w} images "
+                            f"(a crop covering the whole image is the exact empirical denoiser)")
     if gpu:
         gpu_resources()  # fail before any work
     ivf = kind.startswith("ivf")
@@ -207,8 +238,12 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
         nlist = nlist or default_nlist(len(data))
         if not 1 <= nlist <= len(data):
             raise UserError(f"--nlist must be in 1..{len(data)}, got {nlist}")
-    bundle = Path(bundle_path)
-    bundle.mkdir(parents=True, exist_ok=True)
+    # an existing bundle is resumed; any other existing path is refused before anything is written
+    bundle = claim(bundle_path, BUNDLE, resume=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every process checks the path before any of them creates it
     params = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_sha256": store.sha256,
               "shape": list(store.shape), "xflip": xflip, "patch_sizes": sizes, "stride": stride,
               "kind": kind, "nlist": nlist if ivf else None, "pq_m": pq_m if kind == "ivf-pq" else None,
@@ -222,6 +257,11 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
             continue
         if {k: old.get(k) for k in params} == params:
             done.update(old.get("files", {}))
+        elif not overwrite:
+            differ = next(k for k in params if old.get(k) != params[k])
+            raise UserError(f"{bundle_path}: an existing bundle was built with other settings ({differ}="
+                            f"{old.get(differ)!r}, now {params[differ]!r}); pass --overwrite to rebuild it")
+    bundle.mkdir(parents=True, exist_ok=True)
     journal = bundle / (PROGRESS if world == 1 else f".progress-{rank}.json")
     files: dict[str, dict] = {}
     jobs = [(s, by, bx, win) for s in sizes for by, bx, win in blocks(h, w, s, stride)]
@@ -232,10 +272,10 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
         if rec and path.exists() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
             files[name] = rec
         elif i % world == rank:
-            index = make_index(data, win, kind, nlist or 0, pq_m, gpu)
+            index, file_kind = block_index(data, win, kind, nlist or 0, pq_m, gpu)
             raw = faiss.serialize_index(index).tobytes()
             _write_atomic(path, raw)
-            files[name] = {"s": s, "block": [by, bx], "window": list(win), "size": len(raw),
+            files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "size": len(raw),
                            "sha256": hashlib.sha256(raw).hexdigest()}
             _write_json(journal, {**params, "files": {**done, **files}})
     if world > 1:
@@ -280,6 +320,10 @@ class Bundle:
     def xflip(self) -> bool:
         return bool(self.manifest["xflip"])
 
+    def file_kind(self, s: int, by: int, bx: int) -> str:
+        """The kind of one block's index: the bundle's, or flat where its k-means collapsed."""
+        return self.manifest["files"][file_name(s, by, bx)].get("kind", self.kind)
+
     def index(self, s: int, by: int, bx: int):
         import faiss
 
@@ -293,20 +337,39 @@ class Bundle:
         return self._cache[name]
 
     def search(self, s: int, by: int, bx: int, queries: torch.Tensor, k: int, nprobe: int | None = None):
-        """Candidate ids [B, k] (int64, -1 where an IVF probe found fewer than k) for window queries [B, d].
-        FAISS distances are dropped: candidates are rescored from the store."""
-        import faiss
+        """Candidate ids [B, min(k, N)] (int64) for window queries [B, d], every row full.
 
+        IVF indices are probed in nprobe lists (default: the manifest's); rows whose probed lists hold
+        fewer than k patches (duplicates leave lists empty or small) are searched again with the probe
+        doubled, up to every list, which holds all N. FAISS distances are dropped: candidates are
+        rescored from the store. Raises UserError for k > 2048 on the GPU."""
         index = self.index(s, by, bx)
+        k = min(k, index.ntotal)
         if self.gpu and k > 2048:
             raise UserError(f"k={k}: FAISS GPU search returns at most 2048 candidates")
-        if self.kind.startswith("ivf"):
-            if self.gpu:
-                index.nprobe = int(nprobe or self.manifest["nprobe"])
-            else:
-                faiss.extract_index_ivf(index).nprobe = int(nprobe or self.manifest["nprobe"])
-        _, ids = index.search(np.ascontiguousarray(queries.to(torch.float32).cpu().numpy()), k)
+        x = np.ascontiguousarray(queries.to(torch.float32).cpu().numpy())
+        if not self.file_kind(s, by, bx).startswith("ivf"):
+            return torch.from_numpy(index.search(x, k)[1])
+        nlist = int(self.manifest["nlist"])
+        probe = min(int(nprobe or self.manifest["nprobe"]), nlist)
+        self._set_nprobe(index, probe)
+        ids = index.search(x, k)[1]
+        short = np.flatnonzero((ids < 0).any(1))
+        while len(short) and probe < nlist:
+            probe = min(2 * probe, nlist)
+            self._set_nprobe(index, probe)
+            ids[short] = index.search(x[short], k)[1]
+            short = short[(ids[short] < 0).any(1)]
         return torch.from_numpy(ids)
+
+    def _set_nprobe(self, index, nprobe: int) -> None:
+        """faiss-gpu IVF indices take nprobe directly; CPU ones are reached through their wrappers."""
+        import faiss
+
+        if self.gpu:
+            index.nprobe = nprobe
+        else:
+            faiss.extract_index_ivf(index).nprobe = nprobe
 
 
 def open_bundle(path, store, gpu: bool = False) -> Bundle:
@@ -325,9 +388,11 @@ def open_bundle(path, store, gpu: bool = False) -> Bundle:
         raise UserError(f"{path}: unreadable bundle manifest ({type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a pspc-index bundle manifest")
+    # store.sha256 is hashed from the pixels as read, so a store rewritten in place is caught here too
     if manifest.get("store_sha256") != store.sha256 or manifest.get("shape") != list(store.shape):
-        raise UserError(f"{path}: built for store {str(manifest.get('store_sha256'))[:12]}, "
-                        f"but {store.path} is {store.sha256[:12]} (rebuild the bundle)")
+        edited = ", its images rewritten since ingest" if store.edited_in_place else ""
+        raise UserError(f"{path}: built for store content {str(manifest.get('store_sha256'))[:12]}, "
+                        f"but {store.path} now holds {store.sha256[:12]}{edited} (rebuild the bundle)")
     for name, rec in manifest.get("files", {}).items():
         f = path / name
         if not f.exists():

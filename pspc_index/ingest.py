@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .outputs import STORE, claim
 from .store import ImageStore, write_store
 
 BUNDLED_FASHION_MNIST = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist"
@@ -61,10 +62,12 @@ def read_source(src: str, layout: str | None = None) -> Source:
     return _checked(source, where)
 
 
-def ingest(src: str, out: str, layout: str | None = None) -> ImageStore:
-    """Read SRC and write it as the image store OUT."""
+def ingest(src: str, out: str, layout: str | None = None, overwrite: bool = False) -> ImageStore:
+    """Read SRC and write it as the image store OUT. OUT must not exist, or (with `overwrite`) be a store;
+    anything else there is refused with a UserError before SRC is read, and never touched."""
+    claim(out, STORE, overwrite=overwrite)
     source = read_source(src, layout)
-    return write_store(out, source.images, source.labels, source=source.description)
+    return write_store(out, source.images, source.labels, source=source.description, overwrite=overwrite)
 
 
 def detect_format(path: Path) -> str:

@@ -81,3 +81,14 @@ def sample(denoiser, n: int, seed: int, steps: int = 18, solver: str = "euler", 
         return x
     traj = Trajectory(trajs[0].ts, torch.cat([tr.z for tr in trajs], 1), torch.cat([tr.denoised for tr in trajs], 1))
     return x, traj
+
+
+def save_samples(out, x: torch.Tensor, traj: Trajectory | None = None) -> None:
+    """Samples x [N, C, H, W] as float32 .npy at `out` (atomically); a trajectory goes beside it as
+    <stem>.trajectory.npz with arrays ts [S], z and denoised [S, N, C, H, W]."""
+    from .outputs import save_npy, save_npz
+
+    save_npy(out, x.cpu().numpy().astype(np.float32))
+    if traj is not None:
+        save_npz(str(out)[:-4] + ".trajectory.npz", ts=traj.ts.numpy(), z=traj.z.numpy(),
+                 denoised=traj.denoised.numpy())

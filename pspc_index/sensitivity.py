@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .store import TrainingSet, atomic_dir, commit_dir, read_group
+from .outputs import HEATMAPS, atomic_dir, claim, commit_dir, save_png
+from .store import TrainingSet, read_group
 
-FORMAT = "pspc-index-heatmaps"
+FORMAT = HEATMAPS
 FORMAT_VERSION = 1
 CHANNEL_CONVENTION = ("same-channel: sum over c of |dD[c, y, x] / dz[c, i, j]| "
                       "(output channel c w.r.t. input channel c only)")
@@ -74,8 +75,10 @@ def batch_abs_jacobian(net, z: torch.Tensor, t: float) -> torch.Tensor:
     return out
 
 
-def write_heatmaps(path: str | os.PathLike, heatmaps: torch.Tensor, ts, meta: dict | None = None) -> None:
-    """Write heatmaps [L, H, W, H, W] and their t values as a zarr v3 group, atomically."""
+def write_heatmaps(path: str | os.PathLike, heatmaps: torch.Tensor, ts, meta: dict | None = None,
+                   overwrite: bool = False) -> None:
+    """Write heatmaps [L, H, W, H, W] and their t values as a zarr v3 group, atomically. Existing heatmaps
+    at `path` are replaced only with `overwrite`; anything else there is refused (UserError), untouched."""
     import zarr
 
     heatmaps = torch.as_tensor(heatmaps, dtype=torch.float32).cpu()
@@ -83,8 +86,8 @@ def write_heatmaps(path: str | os.PathLike, heatmaps: torch.Tensor, ts, meta: di
     if heatmaps.ndim != 5 or heatmaps.shape[1:3] != heatmaps.shape[3:5] or len(ts) != heatmaps.shape[0]:
         raise UserError(f"{path}: heatmaps must be [L, H, W, H, W] with L = len(ts) = {len(ts)}, "
                         f"got {list(heatmaps.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = claim(path, HEATMAPS, overwrite=overwrite)
     tmp = atomic_dir(path)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -96,7 +99,7 @@ def write_heatmaps(path: str | os.PathLike, heatmaps: torch.Tensor, ts, meta: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_dir(tmp, path)
+    commit_dir(tmp, path, HEATMAPS)
 
 
 def read_heatmaps(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -152,5 +155,5 @@ def plot_concentration(ts, sides, fractions, path: str | os.PathLike, title: str
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    save_png(path, fig, dpi=130)
     plt.close(fig)

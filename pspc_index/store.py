@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,42 +16,23 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outputs import STORE, atomic_dir, claim, commit_dir
 
 FORMAT_VERSION = 1
 
 
 def content_hash(images: np.ndarray) -> str:
-    """sha256 over shape and pixels: identifies the data an index or result was built from."""
+    """sha256 over shape and pixels (uint8 [N, C, H, W], C order): identifies the data an index or result
+    was built from. Hashes the array's own buffer (no copy): 26 ms for Fashion-MNIST's 47 MB here."""
     h = hashlib.sha256(json.dumps(list(images.shape)).encode())
-    flat = np.ascontiguousarray(images).reshape(len(images), -1)
-    for start in range(0, len(flat), 8192):
-        h.update(flat[start:start + 8192].tobytes())
+    h.update(np.ascontiguousarray(images).reshape(-1))
     return h.hexdigest()
 
 
-def atomic_dir(final: Path) -> Path:
-    """A sibling temporary directory to build into; `commit_dir` renames it into place."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace `final` by the finished `tmp` (readers see the old or the new, never a half)."""
-    final = Path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
 def write_store(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
-                source: str = "", extra: dict | None = None) -> "ImageStore":
-    """Write images (uint8 [N, C, H, W]) as a zarr v3 store, atomically."""
+                source: str = "", extra: dict | None = None, overwrite: bool = False) -> "ImageStore":
+    """Write images (uint8 [N, C, H, W]) as a zarr v3 store, atomically. An existing store at `path` is
+    replaced only with `overwrite`; anything else there is refused (UserError) and left untouched."""
     import zarr
 
     images = np.asarray(images)
@@ -62,7 +42,7 @@ def write_store(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray 
         raise UserError(f"{path}: no images to store")
     if images.shape[1] not in (1, 3):
         raise UserError(f"{path}: expected 1 or 3 channels, got {images.shape[1]}")
-    path = Path(path)
+    path = claim(path, STORE, overwrite=overwrite)
     tmp = atomic_dir(path)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -70,7 +50,7 @@ def write_store(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray 
         arr = root.create_array("images", shape=images.shape, dtype="uint8",
                                 chunks=(min(n, max(1, 2**20 // (c * h * w))), c, h, w))
         arr[...] = images
-        meta = {"format": "pspc-index-store", "format_version": FORMAT_VERSION, "source": source,
+        meta = {"format": STORE, "format_version": FORMAT_VERSION, "source": source,
                 "shape": list(images.shape), "sha256": content_hash(images),
                 "has_labels": labels is not None, **(extra or {})}
         if labels is not None:
@@ -82,7 +62,7 @@ def write_store(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_dir(tmp, path)
+    commit_dir(tmp, path, STORE)
     return ImageStore.open(path)
 
 
@@ -108,12 +88,18 @@ def read_group(path: str | os.PathLike, what: str, fmt: str, read):
 
 @dataclass
 class ImageStore:
-    """An opened store: uint8 images [N, C, H, W] (loaded into memory), labels, metadata."""
+    """An opened store: uint8 images [N, C, H, W] (loaded into memory), labels, metadata.
+
+    `sha256` is the content hash of the pixels as read, computed on every open, so artefacts tied to the
+    store (index bundles, resumable sample runs) check what is there now; `recorded_sha256` is the hash
+    written at ingest, and a difference means the images were edited in place since.
+    """
 
     path: Path
     images: np.ndarray
     labels: np.ndarray | None
     meta: dict = field(default_factory=dict)
+    sha256: str = ""
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ImageStore":
@@ -122,15 +108,20 @@ class ImageStore:
             return np.asarray(root["images"][...]), labels
 
         meta, (images, labels) = read_group(path, "pspc-index store", "pspc-index-store", arrays)
-        return cls(path=Path(path), images=images, labels=labels, meta=meta)
+        return cls(path=Path(path), images=images, labels=labels, meta=meta, sha256=content_hash(images))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return tuple(self.images.shape)
 
     @property
-    def sha256(self) -> str:
-        return self.meta["sha256"]
+    def recorded_sha256(self) -> str | None:
+        return self.meta.get("sha256")
+
+    @property
+    def edited_in_place(self) -> bool:
+        """The pixels differ from those hashed at ingest (rewritten in place, e.g. with zarr)."""
+        return self.recorded_sha256 != self.sha256
 
     def training_set(self, xflip: bool = True, device: str | torch.device = "cpu") -> "TrainingSet":
         return TrainingSet(torch.from_numpy(self.images).to(device), xflip=xflip)
