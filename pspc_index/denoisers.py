@@ -125,7 +125,7 @@ class PSPCSquare(Denoiser):
         self.fixed, self.dtype = patch_size, dtype
         # (rank, world): this process's share of the crop locations (torchrun location split)
         self.locations = (0, 1)
-        self.schedule = schedule or default_schedule(data.shape[1])
+        self.schedule = schedule or default_schedule(*data.shape[1:])
         if patch_size is not None:
             SquareCrops(*data.shape[1:], patch_size)  # validates the size now, not at the first call
 
@@ -190,7 +190,7 @@ class PSPCFlex(Denoiser):
         if tuple(heatmaps.shape[1:]) != (h, w, h, w) or len(heatmaps) != len(heatmap_ts):
             raise UserError(f"heatmaps of shape {list(heatmaps.shape)} do not fit {h}x{w} images")
         self.heatmaps, self.heatmap_ts = heatmaps, torch.as_tensor(heatmap_ts, dtype=torch.float64)
-        self.schedule = schedule or default_schedule(h)
+        self.schedule = schedule or default_schedule(h, w)
         self.fixed_lam = lam
         self._cache: dict[tuple[int, float], MaskCrops] = {}
 

@@ -1,7 +1,9 @@
 """Noise-level grid (Karras et al. 2022) and the PSPC schedules keyed to it.
 
 Schedules are lists aligned with the Karras grid, high t first, and are looked up at the grid point
-nearest to the query t (as the reference implementation does).
+nearest to the query t (as the reference implementation does). A schedule is made for H x W images: its
+crop sizes are at most min(H, W), and a size >= max(H, W) is the whole image (the empirical denoiser),
+so full-size steps mean the same thing for square, portrait and landscape images.
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ def _expand(spec: list[tuple[float, int]]) -> list[float]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Patch sizes s(t) and flex thresholds lambda(t) on an n-step Karras grid."""
+    """Patch sizes s(t) and flex thresholds lambda(t) on an n-step Karras grid, for images of `shape` (H, W)."""
 
     name: str
-    resolution: int
+    shape: tuple[int, int]
     patch_sizes: tuple[int, ...]
     lambdas: tuple[float, ...]
 
@@ -54,14 +56,19 @@ class Schedule:
     def lam(self, t) -> torch.Tensor:
         return torch.tensor(self.lambdas, dtype=torch.float64)[self.index(t)]
 
+    @property
+    def full(self) -> int:
+        """The size meaning the whole image: a square crop of side max(H, W) clipped to the image."""
+        return max(self.shape)
+
     def sizes_below_full(self) -> list[int]:
         """The square sizes an index must cover (full size is the empirical denoiser)."""
-        return sorted({s for s in self.patch_sizes if s < self.resolution})
+        return sorted({s for s in self.patch_sizes if s < self.full})
 
 
 # Niedoba et al. (2025), reference code constants, 18-step grid.
 CIFAR10 = Schedule(
-    "cifar10", 32,
+    "cifar10", (32, 32),
     tuple(int(v) for v in _expand([(32, 7), (23, 1), (15, 1), (11, 1), (7, 1), (5, 1), (3, 6)])),
     tuple(_expand([(1.0, 7), (0.7, 2), (0.5, 1), (0.4, 4), (0.3, 4)])),
 )
@@ -70,7 +77,7 @@ CIFAR10 = Schedule(
 # nearest odd size (23 -> 20.1 -> 21, 15 -> 13.1 -> 13, 11 -> 9.6 -> 9, 7 -> 6.1 -> 7, 5 -> 4.4 -> 5,
 # 3 -> 2.6 -> 3), full size kept at the same 7 high-t steps; lambda is a mass fraction, so it is kept.
 FASHION_MNIST = Schedule(
-    "fashion-mnist", 28,
+    "fashion-mnist", (28, 28),
     tuple(int(v) for v in _expand([(28, 7), (21, 1), (13, 1), (9, 1), (7, 1), (5, 1), (3, 6)])),
     CIFAR10.lambdas,
 )
@@ -78,25 +85,26 @@ FASHION_MNIST = Schedule(
 SCHEDULES = {s.name: s for s in (CIFAR10, FASHION_MNIST)}
 
 
-def default_schedule(resolution: int) -> Schedule:
-    """The bundled schedule for this resolution, else CIFAR-10's scaled the same way as Fashion-MNIST's."""
+def default_schedule(h: int, w: int) -> Schedule:
+    """The bundled schedule for h x w images, else CIFAR-10's scaled the same way as Fashion-MNIST's:
+    each crop size by min(H, W) / 32 (crops must fit the short side; CelebA's 178 x 218 gets the sizes of
+    178 x 178), its full-size steps kept as the whole image."""
     for s in SCHEDULES.values():
-        if s.resolution == resolution:
+        if s.shape == (h, w):
             return s
-    scaled = []
-    for s in CIFAR10.patch_sizes:
-        v = resolution if s == 32 else max(1, int(round((s * resolution / 32 - 1) / 2)) * 2 + 1)
-        scaled.append(min(v, resolution))
-    return Schedule(f"scaled-{resolution}", resolution, tuple(scaled), CIFAR10.lambdas)
+    side = min(h, w)
+    scaled = [max(h, w) if s == CIFAR10.full else min(side, max(1, int(round((s * side / 32 - 1) / 2)) * 2 + 1))
+              for s in CIFAR10.patch_sizes]
+    return Schedule(f"scaled-{h}" if h == w else f"scaled-{h}x{w}", (h, w), tuple(scaled), CIFAR10.lambdas)
 
 
-def get_schedule(name: str | None, resolution: int) -> Schedule:
+def get_schedule(name: str | None, h: int, w: int) -> Schedule:
+    """The named schedule (None: the default for h x w images); UserError if it was made for another shape."""
     if name is None:
-        return default_schedule(resolution)
+        return default_schedule(h, w)
     if name not in SCHEDULES:
         raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
     sched = SCHEDULES[name]
-    if sched.resolution != resolution:
-        raise UserError(f"schedule {name!r} is for {sched.resolution}x{sched.resolution} images, "
-                        f"the store holds {resolution}x{resolution}")
+    if sched.shape != (h, w):
+        raise UserError(f"schedule {name!r} is for {sched.shape[0]}x{sched.shape[1]} images, the store holds {h}x{w}")
     return sched

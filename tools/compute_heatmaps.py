@@ -45,7 +45,7 @@ def run(args) -> None:
     net = load_network(args.network).requires_grad_(False)  # only input gradients are needed
     source = read_source(args.data)
     data = TrainingSet(torch.from_numpy(source.images), xflip=not args.no_xflip)
-    schedule = get_schedule(args.schedule, data.shape[1])
+    schedule = get_schedule(args.schedule, *data.shape[1:])
     keep = torch.tensor(schedule.lambdas) < 1
     ts = schedule.grid[keep]
     gen = torch.Generator().manual_seed(args.seed)
