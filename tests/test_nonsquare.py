@@ -90,11 +90,15 @@ def test_info_and_denoise(store):
         np.testing.assert_array_equal(np.load(root / f"d{i}.npy"), want)
     # at a full-size step the CLI's pspc-square is the empirical denoiser, bit for bit
     t = full_size_ts(sched)[0]
-    run("denoise", "--store", path, "--z", root / "z.npy", "--t", t, "--out", root / "sq.npy")
-    run("denoise", "--store", path, "--z", root / "z.npy", "--t", t, "--out", root / "emp.npy", "--denoiser", "empirical")
+    den = ["denoise", "--store", path, "--z", root / "z.npy"]
+    run(*den, "--t", t, "--out", root / "sq.npy")
+    run(*den, "--t", t, "--out", root / "emp.npy", "--denoiser", "empirical")
     np.testing.assert_array_equal(np.load(root / "sq.npy"), np.load(root / "emp.npy"))
     run("denoise", "--store", path, "--n", 2, "--t", 5, "--out", root / "fwd.npy")  # z drawn from the store
     assert np.load(root / "fwd.npy").shape == (2, 1, h, w)
+    for name in ("gaussian", "cfdm"):
+        run(*den, "--t", 5, "--out", root / f"{name}.npy", "--denoiser", name)
+        assert np.isfinite(np.load(root / f"{name}.npy")).all()
 
 
 def test_build_defaults_and_retrieval(store):
