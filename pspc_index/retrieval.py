@@ -130,10 +130,8 @@ class RetrievalPSPC(PSPCSquare):
             local = SquareCrops(r1 - r0, c1 - c0, s)  # the block's positions, as crops of its window
             ph, pw = local.grid
             zw = z[:, :, r0:r1, c0:c1].to(dt)
-            # 1. k candidates per query (-1: an IVF probe found fewer)
+            # 1. k candidates per query (IVF probes are widened until every row is full)
             ids = self.bundle.search(s, by, bx, zw.flatten(1), k, self.nprobe).to(dev)
-            if (ids < 0).all(1).any():
-                raise UserError(f"{self.bundle.path}: no candidates for a query at s={s}; raise --nprobe")
             if tail:
                 tid = self.tail_ids(s, by, bx, m)
                 # window pixels x and x^2 of the draws, float64, once per block: [m, 2P] (P = C h w); a

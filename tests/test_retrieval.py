@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from pspc_index.cli import cli
+from pspc_index.denoisers import PSPCSquare
 from pspc_index.errors import UserError
 from pspc_index.geometry import SquareCrops
 from pspc_index.index import build_bundle, open_bundle
@@ -157,8 +158,10 @@ def test_ivf_all_cells_equals_flat(tmp_path):
     flat = RetrievalPSPC(data, open_bundle(tmp_path / "flat", store), k=16, tail="none", patch_size=3)
     ivf = RetrievalPSPC(data, open_bundle(tmp_path / "ivf", store), k=16, tail="none", patch_size=3, nprobe=6)
     assert torch.equal(flat(z, 0.4), ivf(z, 0.4))
-    # one cell: fewer than k candidates can come back (-1 ids); still a convex combination of pixels
-    few = RetrievalPSPC(data, open_bundle(tmp_path / "ivf", store), k=64, tail="none", patch_size=3, nprobe=1)
+    # one cell holds fewer than k = 64 patches: the probe widens until all k candidates come back
+    bundle = open_bundle(tmp_path / "ivf", store)
+    assert (bundle.search(3, 0, 0, z[:, :, :5, :5].flatten(1), 64, nprobe=1) >= 0).all()
+    few = RetrievalPSPC(data, bundle, k=64, tail="none", patch_size=3, nprobe=1)
     out = few(z, 0.4)
     assert out.abs().max() <= 1 + 1e-6 and few.last_report[3]["nprobe"] == 1
 
@@ -185,3 +188,132 @@ def test_gpu_build_without_faiss_gpu_is_one_line(tmp_path):
     r = CliRunner().invoke(cli, ["build", str(tmp_path / "s.zarr"), str(tmp_path / "b"), "--patch-sizes", "3",
                                  "--index", "ivf-flat", "--gpu"])
     assert r.exit_code == 2 and "faiss-gpu" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+# Duplicate-heavy stores (issue 13, item 7): k-means cells collapse on identical patches. Images are
+# left-right symmetric in content placement, so flipped copies duplicate their originals too.
+def identical_store(n=120, h=16, seed=0):
+    """Every image the same (mirror-symmetric) random image."""
+    half = np.random.RandomState(seed).randint(0, 256, (1, 1, h, h // 2))
+    return np.repeat(np.concatenate([half, half[..., ::-1]], -1), n, 0).astype(np.uint8)
+
+
+def black_background_store(n=120, h=16, seed=0):
+    """Black except a random 2x2 centre (the issue's case; Fashion-MNIST's background in small)."""
+    x = np.zeros((n, 1, h, h), np.uint8)
+    x[:, :, h // 2 - 1:h // 2 + 1, h // 2 - 1:h // 2 + 1] = np.random.RandomState(seed).randint(0, 256, (n, 1, 2, 2))
+    return x
+
+
+def two_valued_store(n=120, h=16, seed=0):
+    """Constant images, half black and half white, in a seeded order."""
+    return np.repeat(np.random.RandomState(seed).permutation(n) % 2 * 255, h * h).reshape(n, 1, h, h).astype(np.uint8)
+
+
+DUP_STORES = {"identical": identical_store, "black-background": black_background_store, "two-valued": two_valued_store}
+KINDS = ("flat", "sq8", "ivf-flat", "ivf-sq8", "ivf-pq")
+
+
+@pytest.fixture(scope="module")
+def dup_bundles(tmp_path_factory):
+    """{store name: (store, {kind: bundle path})}, s = 3, default stride 4 and default nlist (6 lists)."""
+    root = tmp_path_factory.mktemp("dup")
+    out = {}
+    for name, make in DUP_STORES.items():
+        store = write_store(root / f"{name}.zarr", make())
+        paths = {kind: root / f"{name}-{kind}" for kind in KINDS}
+        for kind, path in paths.items():
+            build_bundle(store.path, path, [3], kind=kind, pq_m=8, progress=False)
+        out[name] = (store, paths)
+    return out
+
+
+def determined_pixels(data, s):
+    """[H, W] bool: pixels all of whose covering s x s crops hold one patch across the training set
+    (the posterior mean there is that patch, whatever the weights)."""
+    x = data.get(torch.arange(len(data)))
+    same = (x == x[:1]).all(0).all(0)  # [H, W]: the pixel is equal in every training image
+    crop_same = same.unfold(0, s, 1).unfold(1, s, 1).all(-1).all(-1).float()  # [gh, gw]
+    # a pixel is determined iff every crop covering it is: full convolution of the "crop varies" map
+    varies = torch.nn.functional.conv2d(1 - crop_same[None, None], torch.ones(1, 1, s, s), padding=s - 1)
+    return varies[0, 0] == 0
+
+
+def test_collapsed_blocks_fall_back_to_flat(dup_bundles):
+    for name, (store, paths) in dup_bundles.items():
+        for kind in ("ivf-flat", "ivf-sq8", "ivf-pq"):
+            files = json.loads((paths[kind] / "manifest.json").read_text())["files"]
+            kinds = {rec["kind"] for rec in files.values()}
+            if name == "black-background":
+                # the black blocks hold one patch (flat); the centre blocks' cells stay IVF
+                assert kinds == {"flat", kind}, (kind, kinds)
+                assert files["s3_b0_0.faiss"]["kind"] == "flat"
+            else:
+                assert kinds == {"flat"}, (name, kind, kinds)
+
+
+@pytest.mark.parametrize("tail", ["none", "sample"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", DUP_STORES)
+def test_duplicate_stores_match_exact(dup_bundles, name, kind, tail):
+    store, paths = dup_bundles[name]
+    data, s, t = store.training_set(), 3, 0.3
+    bundle = open_bundle(paths[kind], store)
+    z = queries(data, t, b=4, seed=3)
+    exact = PSPCSquare(data, patch_size=s)(z, t)
+    known = determined_pixels(data, s)
+    assert known.all() if name == "identical" else known.any() == (name == "black-background")
+    # k >= N (the default k = 1024 here): every image is a candidate, a reordering of the exact sum;
+    # float32 rounding of a few hundred terms in [-1, 1] stays below 1e-5
+    every = RetrievalPSPC(data, bundle, k=1024, tail=tail, patch_size=s)
+    assert (every(z, t) - exact).abs().max() < 1e-5
+    assert every.last_report[s]["k"] == len(data)
+    # few candidates (and a small tail): where every covering crop holds one patch, any convex
+    # combination of the candidates is that patch, exactly up to float32 rounding of weights summing to 1
+    few = RetrievalPSPC(data, bundle, k=4, tail=tail, m=8, patch_size=s)
+    out = few(z, t)
+    assert ((out - exact).abs() * known).max() < 1e-6
+    assert out.abs().max() <= 1 + 1e-6
+    if tail == "sample":  # a tail of every image makes any candidate set exact again
+        full_tail = RetrievalPSPC(data, bundle, k=4, tail="sample", m=len(data), patch_size=s)
+        assert (full_tail(z, t) - exact).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq"])
+@pytest.mark.parametrize("name,nlist", [("identical", 2), ("two-valued", 3)])
+def test_short_probes_widen(tmp_path, name, nlist, kind):
+    # lists of duplicates: one list per distinct patch, the split-off copies empty but (half filled) not
+    # collapsed, so the IVF stays; queries whose nearest centroid is an empty copy must widen their probe
+    store = write_store(tmp_path / "s.zarr", DUP_STORES[name](n=60, h=8))
+    man = build_bundle(store.path, tmp_path / "b", [3], stride=8, kind=kind, nlist=nlist, pq_m=8, progress=False)
+    assert man["nprobe"] == 1 and {rec["kind"] for rec in man["files"].values()} == {kind}
+    data = store.training_set()
+    bundle = open_bundle(tmp_path / "b", store)
+    zw = queries(data, 0.3, b=32, seed=5)[:, :, :8, :8].flatten(1)
+    raw = bundle.index(3, 0, 0).search(zw.numpy(), 8)[1]  # FAISS alone, one list probed
+    assert (raw < 0).all(1).any(), "no query fell in an empty list: the test would not test widening"
+    ids = bundle.search(3, 0, 0, zw, 8)
+    assert ids.shape == (32, 8) and (ids >= 0).all()
+    # k > N: all N, each once
+    ids = bundle.search(3, 0, 0, zw, 1000)
+    assert ids.shape == (32, len(data)) and (ids.sort(1).values == torch.arange(len(data))).all()
+
+
+def test_cli_default_build_and_sample_on_black_background(tmp_path):
+    # the issue's reproduction: default ivf-pq build, default sample; and ivf-flat denoise with either tail
+    write_store(tmp_path / "s.zarr", black_background_store(n=300, h=16))
+    run = lambda *a: CliRunner().invoke(cli, [str(v) for v in a])  # noqa: E731
+    r = run("build", tmp_path / "s.zarr", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    r = run("sample", "--store", tmp_path / "s.zarr", "--index", tmp_path / "b", "--n", 4, "--out", tmp_path / "x.npy")
+    assert r.exit_code == 0, r.output
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (4, 1, 16, 16) and np.isfinite(x).all()
+    r = run("build", tmp_path / "s.zarr", tmp_path / "f", "--patch-sizes", 3, "--index", "ivf-flat")
+    assert r.exit_code == 0, r.output
+    for tail in ("none", "sample"):
+        r = run("denoise", "--store", tmp_path / "s.zarr", "--index", tmp_path / "f", "--t", 0.3, "--patch-size", 3,
+                "--n", 4, "--out", tmp_path / f"d-{tail}.npy", "--tail", tail)
+        assert r.exit_code == 0, r.output
+        d = np.load(tmp_path / f"d-{tail}.npy")
+        assert np.abs(d[..., :5, :5] + 1).max() < 1e-6  # the black corner: every patch there is black
