@@ -341,8 +341,8 @@ class Bundle:
 
         IVF indices are probed in nprobe lists (default: the manifest's); rows whose probed lists hold
         fewer than k patches (duplicates leave lists empty or small) are searched again with the probe
-        doubled, up to every list, which holds all N. FAISS distances are dropped: candidates are
-        rescored from the store. Raises UserError for k > 2048 on the GPU."""
+        doubled, up to every list, which holds all N (on the GPU, up to 2048 lists). FAISS distances
+        are dropped: candidates are rescored from the store. Raises UserError for k > 2048 on the GPU."""
         index = self.index(s, by, bx)
         k = min(k, index.ntotal)
         if self.gpu and k > 2048:
@@ -350,13 +350,14 @@ class Bundle:
         x = np.ascontiguousarray(queries.to(torch.float32).cpu().numpy())
         if not self.file_kind(s, by, bx).startswith("ivf"):
             return torch.from_numpy(index.search(x, k)[1])
-        nlist = int(self.manifest["nlist"])
-        probe = min(int(nprobe or self.manifest["nprobe"]), nlist)
+        # faiss-gpu probes at most 2048 lists: a row still short there keeps -1 ids (retrieve masks them)
+        most = min(int(self.manifest["nlist"]), 2048) if self.gpu else int(self.manifest["nlist"])
+        probe = min(int(nprobe or self.manifest["nprobe"]), most)
         self._set_nprobe(index, probe)
         ids = index.search(x, k)[1]
         short = np.flatnonzero((ids < 0).any(1))
-        while len(short) and probe < nlist:
-            probe = min(2 * probe, nlist)
+        while len(short) and probe < most:
+            probe = min(2 * probe, most)
             self._set_nprobe(index, probe)
             ids[short] = index.search(x[short], k)[1]
             short = short[(ids[short] < 0).any(1)]
