@@ -159,7 +159,8 @@ def ingest(src, out, layout, overwrite):
     """Write SRC (image folder, EDM zip, .npy/.npz, CIFAR-10 tar, IDX .gz, or `fashion-mnist`) as a store."""
     from .ingest import ingest as run
 
-    store = run(src, out, layout=layout, overwrite=overwrite)
+    store = run(src, out, layout=layout, overwrite=overwrite,
+                note=lambda line: click.echo(f"pspc-index: note: {line}", err=True))
     click.echo(f"wrote {out}: {store.shape[0]} images of {store.shape[1]}x{store.shape[2]}x{store.shape[3]}"
                f" (sha256 {store.sha256[:12]})")
 
@@ -182,6 +183,8 @@ def info(store_path, as_json):
            "default_schedule": default_schedule(h, w).name}
     if store.labels is not None:
         rep["classes"] = int(len(np.unique(store.labels)))
+    if store.meta.get("classes"):
+        rep["class_names"] = store.meta["classes"]
     click.echo(json.dumps(rep, indent=1) if as_json else "\n".join(f"{k}: {v}" for k, v in rep.items()))
     if store.edited_in_place:
         click.echo(f"pspc-index: warning: {store_path}: the images were rewritten since ingest (sha256 "
@@ -410,7 +413,7 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
     store = ImageStore.open(store_path)
     den = build_denoiser(store, "pspc-square", xflip, patch_size, schedule, retrieval=retrieval,
                          default_tail="none")
-    labels = store.labels
+    labels, classes = store.labels, store.meta.get("classes")
     want_maps = panel is not None
     if traj_path is not None:
         ts, zs, ds = at.load_trajectory(traj_path, den.shape)
@@ -427,6 +430,8 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
             res, shares, tm = at.attribute(den, query, t, top, labels, maps=want_maps)
         t_out = t
         sizes = den.sizes(torch.tensor([t], dtype=torch.float64)).tolist()
+    for entry in (e for entries in res for e in entries) if classes else ():
+        entry["class"] = classes[entry["label"]]  # label i names class i (store metadata "classes")
     rep = {"queries": res, "t": t_out, "patch_size": sizes[0] if len(set(sizes)) == 1 else sizes}
     if panel is not None:
         at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps,
@@ -436,9 +441,17 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
     else:
         for q, entries in enumerate(res):
             click.echo(f"query {q}: " + ", ".join(
-                f"{e['index']}{'(flip)' if e['flip'] else ''}={e['share']:.4f}" for e in entries))
+                f"{e['index']}{'(flip)' if e['flip'] else ''}={e['share']:.4f}{label_text(e)}" for e in entries))
         if panel is not None:
             click.echo(f"wrote {panel}")
+
+
+def label_text(entry: dict) -> str:
+    """What follows an attribution share in text output: ' [label 3 cat]' (class name if the store has
+    them), or '' for a store without labels."""
+    if entry.get("label") is None:
+        return ""
+    return f" [label {entry['label']}{' ' + entry['class'] if 'class' in entry else ''}]"
 
 
 def main():

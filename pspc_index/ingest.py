@@ -1,20 +1,23 @@
 """Readers that turn the data sets researchers have on disk into uint8 images [N, C, H, W].
 
 One reader per format; `read_source` picks it from the path (folder, suffix, then first bytes).
-Every bad input raises UserError naming the path.
+Every bad input raises UserError naming the path; what a reader skips or ignores is said in Source.notes.
 """
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import math
 import pickle
 import re
 import tarfile
+import warnings
 import zipfile
-import zlib
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -27,18 +30,29 @@ BUNDLED_FASHION_MNIST = Path(__file__).resolve().parent.parent / "data" / "fashi
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GRAY_MODES = {"L", "LA", "1"}
 COLOUR_MODES = {"RGB", "RGBA", "P", "PA", "CMYK", "YCbCr"}
+# Names (any path part, lower case) that operating systems and tools leave beside data; any part
+# starting with "." (AppleDouble `._x.png` forks, .DS_Store, .ipynb_checkpoints, ...) is skipped too.
+OS_METADATA_NAMES = {"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "@eadir", "$recycle.bin",
+                     "system volume information"}
+SRGB_CHROMATICITY = (0.3127, 0.3290, 0.64, 0.33, 0.30, 0.60, 0.15, 0.06)  # white x, y; red, green, blue
 GZIP_MAGIC = b"\x1f\x8b"
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # ubyte data, 3 dims / 1 dim
 CIFAR_BATCH = re.compile(r"(?:^|/)data_batch_([1-5])$")
+NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS = ("images", "x", "arr_0"), ("labels", "y")  # arr_0: np.savez(path, images)
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
 
 
 @dataclass
 class Source:
-    """Pixels and labels read from one source, and a line saying where they came from."""
+    """Pixels and labels read from one source, a line saying where they came from, and what was left out."""
 
     images: np.ndarray         # uint8 [N, C, H, W], C in {1, 3}
     labels: np.ndarray | None  # int64 [N] or None
     description: str
+    classes: list[str] | None = None  # class names: label i is classes[i]
+    skipped: int = 0                  # OS/tool metadata files skipped
+    notes: list[str] = field(default_factory=list)  # one line each: what was skipped or ignored, and why
 
 
 def read_source(src: str, layout: str | None = None) -> Source:
@@ -62,12 +76,21 @@ def read_source(src: str, layout: str | None = None) -> Source:
     return _checked(source, where)
 
 
-def ingest(src: str, out: str, layout: str | None = None, overwrite: bool = False) -> ImageStore:
+def ingest(src: str, out: str, layout: str | None = None, overwrite: bool = False,
+           note: Callable[[str], None] | None = None) -> ImageStore:
     """Read SRC and write it as the image store OUT. OUT must not exist, or (with `overwrite`) be a store;
-    anything else there is refused with a UserError before SRC is read, and never touched."""
+    anything else there is refused with a UserError before SRC is read, and never touched.
+
+    Class names, if the source has them, go in the store metadata "classes" (label i is classes[i]).
+    note: called with each line of Source.notes (what was skipped or ignored) before the store is written.
+    """
     claim(out, STORE, overwrite=overwrite)
     source = read_source(src, layout)
-    return write_store(out, source.images, source.labels, source=source.description, overwrite=overwrite)
+    for line in source.notes if note else ():
+        note(line)
+    extra = {"classes": source.classes} if source.classes else None
+    return write_store(out, source.images, source.labels, source=source.description, extra=extra,
+                       overwrite=overwrite)
 
 
 def detect_format(path: Path) -> str:
@@ -96,16 +119,31 @@ def detect_format(path: Path) -> str:
                     f"tar.gz, IDX file, .npy or .npz)")
 
 
+@contextmanager
+def decoding(where, what: str):
+    """Turn whatever a decoding library raises inside the block into one UserError line naming `where`.
+
+    Pillow, zipfile, tarfile, gzip, pickle and numpy raise many types for corrupt, truncated, oversized
+    or unsupported input (OSError, EOFError, ValueError, zlib.error, struct.error, SyntaxError,
+    NotImplementedError and RuntimeError from zipfile, MemoryError for absurd headers, ...): a list of
+    them would let the one it missed out as a traceback. UserError raised inside passes through.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        detail = " ".join(str(e).split()) or "no detail"
+        raise UserError(f"{where}: {what} ({type(e).__name__}: {detail})") from None
+
+
 def _head(path: Path) -> bytes:
     """The first bytes of path, decompressed if gzip (a .gz may hold a tar or an IDX file)."""
     with path.open("rb") as f:
         head = f.read(512)
     if head.startswith(GZIP_MAGIC):
-        try:
-            with gzip.open(path) as f:
-                head = f.read(512)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"{path}: corrupt gzip data ({e})") from None
+        with decoding(path, "corrupt gzip data"), gzip.open(path) as f:
+            head = f.read(512)
     return head
 
 
@@ -136,6 +174,7 @@ def read_fashion_mnist(folder: Path = BUNDLED_FASHION_MNIST) -> Source:
     """The Fashion-MNIST training set bundled with the package (60,000 images with labels)."""
     source = read_idx(folder / "train-images-idx3-ubyte.gz")
     source.description = f"fashion-mnist (bundled Fashion-MNIST training set, {len(source.images)} images)"
+    source.classes = FASHION_MNIST_CLASSES
     return source
 
 
@@ -170,7 +209,7 @@ def _idx_array(path: Path, magic: int) -> np.ndarray:
         what = "images" if magic == IDX_IMAGES else "labels"
         raise UserError(f"{path}: not an IDX {what} file (magic 0x{found:08x}, expected 0x{magic:08x})")
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    need = header + int(np.prod(dims))
+    need = header + math.prod(dims)  # exact: np.prod would overflow int64 on a damaged header
     if len(data) != need:
         problem = "truncated" if len(data) < need else "trailing bytes"
         raise UserError(f"{path}: {problem}: dims {dims} need {need} bytes, the file has {len(data)}")
@@ -181,10 +220,8 @@ def _read_maybe_gzip(path: Path) -> bytes:
     """The bytes of path, gunzipped if it starts with the gzip magic."""
     data = path.read_bytes()
     if data.startswith(GZIP_MAGIC):
-        try:
+        with decoding(path, "corrupt gzip data"):
             data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"{path}: corrupt gzip data ({e})") from None
     return data
 
 
@@ -218,33 +255,37 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def read_cifar_tar(path: Path) -> Source:
-    """CIFAR-10 python archive: the training batches data_batch_1..5, in order."""
-    batches = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:  # one sequential pass: seeking back in a .tar.gz decompresses again
-                match = CIFAR_BATCH.search(member.name)
-                if match and member.isfile():
-                    raw = tar.extractfile(member).read()
-                    batches[int(match[1])] = _cifar_batch(raw, f"{path}/{member.name}")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: corrupt or unreadable tar archive ({e})") from None
+    """CIFAR-10 python archive: the training batches data_batch_1..5, in order; class names from batches.meta."""
+    batches, classes, skipped = {}, None, 0
+    with decoding(path, "corrupt or unreadable tar archive"), tarfile.open(path, "r:*") as tar:
+        for member in tar:  # one sequential pass: seeking back in a .tar.gz decompresses again
+            if is_os_metadata(member.name):
+                skipped += member.isfile()
+                continue
+            match = CIFAR_BATCH.search(member.name)
+            if match and member.isfile():
+                raw = tar.extractfile(member).read()
+                batches[int(match[1])] = _cifar_batch(raw, f"{path}/{member.name}")
+            elif member.name.endswith("batches.meta") and member.isfile():
+                classes = _cifar_classes(tar.extractfile(member).read(), f"{path}/{member.name}")
     missing = [f"data_batch_{k}" for k in range(1, 6) if k not in batches]
     if missing:
         raise UserError(f"{path}: not a CIFAR-10 python archive (no {', '.join(missing)})")
     images, labels = zip(*(batches[k] for k in range(1, 6)))
     return Source(np.concatenate(images), np.concatenate(labels),
-                  f"{path.name} (CIFAR-10 python archive, data_batch_1..5)")
+                  f"{path.name} (CIFAR-10 python archive, data_batch_1..5)", classes=classes,
+                  skipped=skipped, notes=_skip_notes(path, skipped, []))
+
+
+def _unpickle(raw: bytes, where: str):
+    """A pickle that may hold only plain data and numpy arrays (NumpyOnlyUnpickler)."""
+    with decoding(where, "unreadable pickle"):
+        return NumpyOnlyUnpickler(io.BytesIO(raw), where).load()
 
 
 def _cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch {b"data": uint8 [n, 3072], b"labels": [n]} -> images [n, 3, 32, 32], labels."""
-    try:
-        batch = NumpyOnlyUnpickler(io.BytesIO(raw), where).load()
-    except UserError:
-        raise
-    except Exception as e:  # a damaged pickle raises many exception types
-        raise UserError(f"{where}: unreadable pickle ({type(e).__name__}: {e})") from None
+    batch = _unpickle(raw, where)
     if not isinstance(batch, dict):
         raise UserError(f"{where}: expected a dict, got {type(batch).__name__}")
     data, labels = (batch.get(key, batch.get(key.decode())) for key in (b"data", b"labels"))
@@ -257,29 +298,91 @@ def _cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels  # each row: R, G, B planes, each row-major 32x32
 
 
+def _cifar_classes(raw: bytes, where: str) -> list[str] | None:
+    """Class names from batches.meta ({b"label_names": [b"airplane", ...]}); None if it has none."""
+    meta = _unpickle(raw, where)
+    names = meta.get(b"label_names", meta.get("label_names")) if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, (bytes, str)) for n in names)):
+        return None
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
+
+
 # --- Images: EDM zip, folder -------------------------------------------------------------------
 
+def is_os_metadata(name: str) -> bool:
+    """Whether a path (relative, '/'-separated) is operating-system or tool metadata, not data:
+    AppleDouble `._x.png` forks, `__MACOSX/` trees, .DS_Store, Thumbs.db, desktop.ini, Synology
+    @eaDir thumbnails, and anything hidden (a file or folder whose name starts with '.')."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]  # "./a.png" (tar) is not hidden
+    return any(p.startswith(".") or p.lower() in OS_METADATA_NAMES for p in parts)
+
+
+def _skip_notes(where: Path, skipped: int, ignored: list[str]) -> list[str]:
+    """Notes for the metadata files skipped and the other non-image files ignored."""
+    notes = [f"{where}: skipped {skipped} operating-system/tool metadata file(s) (resource forks, "
+             f"__MACOSX/, .DS_Store, Thumbs.db, hidden files)"] if skipped else []
+    if ignored:
+        notes.append(f"{where}: ignored {len(ignored)} file(s) that are not PNG or JPEG images "
+                     f"(e.g. {ignored[0]})")
+    return notes
+
+
+def read_image_files(where: Path, files: list[str], read_json, open_file, kind: str) -> Source:
+    """The images among `files` (relative '/'-separated paths of a folder or an archive), sorted by path.
+
+    Labels: from dataset.json (EDM: {"labels": [[name, label], ...]} or null) when there is one, else
+    from class sub-folders (torchvision ImageFolder). OS/tool metadata is skipped and counted.
+    read_json() -> the bytes of dataset.json; open_file(name) -> a binary file object.
+    """
+    skipped = sum(map(is_os_metadata, files))
+    data = [f for f in files if not is_os_metadata(f)]
+    names = sorted(f for f in data if f.lower().endswith(IMAGE_SUFFIXES))
+    ignored = sorted(f for f in data if f not in names and f != "dataset.json")
+    notes = _skip_notes(where, skipped, ignored)
+    if "dataset.json" in data:
+        labels, classes = _json_labels(where / "dataset.json", read_json(), names), None
+    else:
+        labels, classes = _folder_labels(where, names, notes)
+    images = _stack_images(where, names, open_file)
+    with_classes = f", {len(classes)} classes from sub-folders" if classes else ""
+    return Source(images, labels, f"{where.name} ({kind}{with_classes})", classes, skipped, notes)
+
+
 def read_edm_zip(path: Path) -> Source:
-    """EDM dataset zip: PNG/JPEG images (sorted by path) with optional dataset.json labels."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES))
-            labels = (_json_labels(path / "dataset.json", zf.read("dataset.json"), names)
-                      if "dataset.json" in zf.namelist() else None)
-            images = _stack_images(path, names, zf.open)
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: corrupt or unreadable zip archive ({e})") from None
-    return Source(images, labels, f"{path.name} (EDM dataset zip)")
+    """EDM dataset zip (or any zip of PNG/JPEG images): see read_image_files."""
+    with decoding(path, "corrupt or unreadable zip archive"), zipfile.ZipFile(path) as zf:
+        files = [info.filename for info in zf.infolist() if not info.is_dir()]
+        return read_image_files(path, files, lambda: zf.read("dataset.json"), zf.open, "EDM dataset zip")
 
 
 def read_folder(path: Path) -> Source:
-    """A folder of PNG/JPEG images (recursive, sorted by relative path), optional dataset.json labels."""
-    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    json_path = path / "dataset.json"
-    labels = _json_labels(json_path, json_path.read_bytes(), names) if json_path.is_file() else None
-    images = _stack_images(path, names, lambda name: (path / name).open("rb"))
-    return Source(images, labels, f"{path.name} (image folder)")
+    """A folder of PNG/JPEG images, recursive: see read_image_files."""
+    files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    return read_image_files(path, files, (path / "dataset.json").read_bytes,
+                            lambda name: (path / name).open("rb"), "image folder")
+
+
+def _folder_labels(where: Path, names: list[str], notes: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
+    """ImageFolder labels: each image's class is its top-level sub-folder, labels index the sorted
+    folder names (as torchvision and EDM's dataset tool number them).
+
+    One folder holding everything (a zipped folder: `train/cat/1.png`) is looked through. Images both
+    beside and inside sub-folders give no labels, and a note saying so.
+    """
+    parts = [name.split("/") for name in names]
+    depth = 0  # path parts shared by every image: wrapper folders
+    while parts and all(len(p) > depth + 1 for p in parts) and len({p[depth] for p in parts}) == 1:
+        depth += 1
+    tops = [p[depth] if len(p) > depth + 1 else None for p in parts]
+    if all(top is None for top in tops):
+        return None, None
+    if None in tops:
+        notes.append(f"{where}: no class labels: images both beside and inside sub-folders (e.g. "
+                     f"{names[tops.index(None)]}); put every image in a class sub-folder, or give dataset.json")
+        return None, None
+    classes = sorted(set(tops))
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[top] for top in tops], np.int64), classes
 
 
 def _json_labels(where: Path, text: bytes, names: list[str]) -> np.ndarray | None:
@@ -303,7 +406,7 @@ def _stack_images(where: Path, names: list[str], open_file) -> np.ndarray:
         raise UserError(f"{where}: no PNG or JPEG images found")
     first = None
     for i, name in enumerate(names):
-        with open_file(name) as f:
+        with decoding(where / name, "unreadable image"), open_file(name) as f:
             img = _decode(f, where / name)
         if first is None:
             first, out = img, np.empty((len(names), *img.shape), np.uint8)
@@ -319,44 +422,104 @@ def _stack_images(where: Path, names: list[str], open_file) -> np.ndarray:
 
 
 def _decode(f, where: Path) -> np.ndarray:
-    """One image file -> uint8 [H, W] (grayscale) or [H, W, 3] (colour)."""
-    from PIL import Image
+    """One image file -> uint8 [H, W] (grayscale) or [H, W, 3] (colour), with what the file says about
+    its pixels applied or refused (README, "What ingest reads"):
 
-    try:
+    applied: EXIF orientation; a palette; CMYK / YCbCr -> RGB (Pillow); 1-bit -> 0 / 255; 16-bit
+    grayscale -> the high byte (Pillow reads 16-bit colour that way); alpha that is 255 everywhere is dropped.
+    refused (UserError): any transparent or translucent pixel; a colour space other than sRGB
+    (ICC profile, PNG gAMA / cHRM); 32-bit and float modes; more pixels than PIL.Image.MAX_IMAGE_PIXELS.
+    """
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's advice ("convert palette transparency to RGBA") is followed here
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, not warn
         with Image.open(f) as im:
+            _check_srgb(im, where)
+            _check_opaque(im, where)
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I;16"):
+                return (np.asarray(im) >> 8).astype(np.uint8)
             if im.mode not in GRAY_MODES | COLOUR_MODES:
-                raise UserError(f"{where}: unsupported image mode {im.mode} "
-                                f"(expected 8-bit grayscale or colour)")
+                raise UserError(f"{where}: unsupported image mode {im.mode} (expected 8- or 16-bit "
+                                f"grayscale, or 8-bit colour)")
             return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged files
-        raise UserError(f"{where}: unreadable image ({e})") from None
+
+
+def _check_opaque(im, where: Path) -> None:
+    """Refuse an image with any pixel not fully opaque (alpha channel, palette alpha or a tRNS colour key):
+    the colour under a transparent pixel is arbitrary, and compositing would have to guess a background."""
+    if not im.has_transparency_data:
+        return
+    alpha = np.asarray(im.convert("RGBA"))[..., 3]  # Pillow resolves palette alpha and colour keys here
+    clear = int((alpha < 255).sum())
+    if clear:
+        raise UserError(f"{where}: {clear} of {alpha.size} pixels are transparent or translucent (mode {im.mode}); "
+                        f"flatten the images onto a background first")
+
+
+def _check_srgb(im, where: Path) -> None:
+    """Refuse an image whose metadata says its values are not sRGB (an ICC profile other than sRGB,
+    or a PNG gAMA / cHRM other than sRGB's): read as sRGB they would be other colours."""
+    info = im.info
+    if "srgb" in info:  # PNG sRGB chunk: it overrides gAMA and cHRM
+        return
+    if info.get("icc_profile"):  # it overrides gAMA and cHRM too
+        name = _profile_name(info["icc_profile"])
+        if "srgb" not in name.lower():
+            raise UserError(f"{where}: colour profile {name!r} is not sRGB; convert the images to sRGB "
+                            f"(or remove the profile if the values are sRGB already)")
+        return
+    gamma, primaries = info.get("gamma"), info.get("chromaticity")
+    if gamma is not None and abs(gamma - 1 / 2.2) > 0.005:
+        raise UserError(f"{where}: PNG gamma {gamma} is not sRGB's 1/2.2; convert the images to sRGB")
+    if primaries is not None and max(abs(a - b) for a, b in zip(primaries, SRGB_CHROMATICITY)) > 0.005:
+        raise UserError(f"{where}: PNG chromaticities {tuple(primaries)} are not sRGB's; convert the images to sRGB")
+
+
+def _profile_name(icc: bytes) -> str:
+    """The description of an embedded ICC profile ("sRGB IEC61966-2.1", "Display P3", ...)."""
+    from PIL import ImageCms
+
+    return ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).strip()
 
 
 # --- NumPy arrays ------------------------------------------------------------------------------
 
 def read_numpy(path: Path, layout: str | None) -> Source:
-    """uint8 images in .npy, or .npz (the single array, or `images`/`x`; labels `labels`/`y`)."""
-    try:
+    """uint8 images in .npy, or .npz (see _npz_arrays); pickled (object) arrays are refused."""
+    notes = []
+    with decoding(path, "unreadable NumPy file"):
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             images, labels = loaded, None
         else:
             with loaded:
-                images, labels = _npz_arrays(path, loaded)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: unreadable NumPy file ({e})") from None
+                images, labels = _npz_arrays(path, loaded, notes)
     images, layout = _to_nchw(path, images, layout)
-    return Source(images, labels, f"{path.name} (NumPy array, {layout})")
+    return Source(images, labels, f"{path.name} (NumPy array, {layout})", notes=notes)
 
 
-def _npz_arrays(path: Path, npz) -> tuple[np.ndarray, np.ndarray | None]:
-    """The images and (optional) labels arrays of an .npz file."""
+def _npz_arrays(path: Path, npz, notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images and (optional) labels arrays of an .npz file; the other arrays are ignored, with a note.
+
+    Images: the single array, or `images`, `x`, `arr_0` (guided-diffusion / ADM batches, np.savez with
+    positional names). Labels: `labels`, `y`, or with `arr_0` an integer `arr_1` of length N.
+    """
     keys = npz.files
-    image_key = keys[0] if len(keys) == 1 else next((k for k in ("images", "x") if k in keys), None)
+    image_key = keys[0] if len(keys) == 1 else next((k for k in NPZ_IMAGE_KEYS if k in keys), None)
     if image_key is None:
-        raise UserError(f"{path}: holds arrays {keys}; name the images `images` or `x`")
-    label_key = next((k for k in ("labels", "y") if k in keys and k != image_key), None)
-    return npz[image_key], (npz[label_key] if label_key else None)
+        raise UserError(f"{path}: holds arrays {keys}; name the images `images`, `x` or `arr_0`")
+    images = npz[image_key]
+    label_key = next((k for k in NPZ_LABEL_KEYS if k in keys), None)
+    if label_key is None and image_key == "arr_0" and "arr_1" in keys:
+        arr_1 = npz["arr_1"]
+        label_key = "arr_1" if arr_1.dtype.kind in "iu" and arr_1.shape == images.shape[:1] else None
+    ignored = [k for k in keys if k not in (image_key, label_key)]
+    if ignored:
+        notes.append(f"{path}: ignored arrays {', '.join(ignored)} (not images or labels, e.g. FID statistics)")
+    return images, (npz[label_key] if label_key else None)
 
 
 def _to_nchw(path: Path, images: np.ndarray, layout: str | None) -> tuple[np.ndarray, str]:

@@ -12,6 +12,7 @@ import pickle
 import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +83,12 @@ def make_cifar_tar(path: Path, rng, protocol="py2", sizes=(2, 3, 1, 2, 2)):
     return images, labels
 
 
-def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
-    """One image [C, H, W] as PNG bytes (grayscale for C = 1), optionally converted to `mode`."""
+def png_bytes(image: np.ndarray, mode: str | None = None, format: str = "PNG", **save) -> bytes:
+    """One image [C, H, W] as PNG bytes (grayscale for C = 1), optionally converted to `mode`; `save`:
+    Pillow's save options (exif=, icc_profile=, transparency=, pnginfo=, quality=)."""
     im = Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0))
     f = io.BytesIO()
-    (im.convert(mode) if mode else im).save(f, format="PNG")
+    (im.convert(mode) if mode else im).save(f, format=format, **save)
     return f.getvalue()
 
 
@@ -104,7 +106,8 @@ def make_edm_zip(path: Path, rng, n=5, shape=(3, 5, 7), labels=True):
 
 
 def make_folder(path: Path, rng, n=5, shape=(1, 5, 7), rgba_at=None):
-    """A folder of PNGs in two subfolders plus a stray text file; images in sorted-path order.
+    """A folder of PNGs in two class sub-folders a/ and b/ plus a stray text file; images in sorted-path
+    order, labels 0 (a) and 1 (b) as torchvision's ImageFolder numbers them.
 
     rgba_at: index of an image saved as RGBA (fully opaque), which must read back as its RGB.
     """
@@ -114,7 +117,76 @@ def make_folder(path: Path, rng, n=5, shape=(1, 5, 7), rgba_at=None):
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_bytes(png_bytes(image, "RGBA" if i == rgba_at else None))
     (path / "notes.txt").write_text("not an image")
-    return images
+    return images, np.array([name.startswith("b/") for name in names], np.int64)
+
+
+def write_files(dest: Path, files: dict[str, bytes], method=zipfile.ZIP_DEFLATED) -> None:
+    """{relative '/' path: bytes} as a folder, or as a zip (in the given order) if dest ends in .zip."""
+    if dest.suffix == ".zip":
+        with zipfile.ZipFile(dest, "w", method) as zf:
+            for name, raw in files.items():
+                zf.writestr(name, raw)
+        return
+    for name, raw in files.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(raw)
+
+
+def class_folder_files(rng, counts: dict[str, int], shape=(3, 4, 6), wrapper=""):
+    """torchvision ImageFolder layout: [wrapper/]class/img<i>.png for counts {class: n}, classes unsorted.
+
+    Returns (files, images, labels, classes): images in sorted-path order, labels index sorted classes.
+    """
+    classes = sorted(counts)
+    names = sorted(f"{wrapper}{c}/img{i}.png" for c, k in counts.items() for i in range(k))
+    images = rng.integers(0, 256, (len(names), *shape), dtype=np.uint8)
+    labels = np.array([classes.index(name[len(wrapper):].split("/")[0]) for name in names], np.int64)
+    files = {name: png_bytes(image) for name, image in zip(names, images)}
+    return dict(reversed(files.items())), images, labels, classes
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)  # a `._name` resource fork
+
+
+def os_metadata_files(image_names: list[str]) -> dict[str, bytes]:
+    """What macOS, Windows, NAS boxes and tools leave beside the given images: resource forks beside
+    them and under __MACOSX/, .DS_Store, Thumbs.db, desktop.ini, Synology @eaDir thumbnails, a hidden
+    folder of (valid, but other-sized) PNGs, a hidden file."""
+    odd_png = png_bytes(np.zeros((3, 2, 2), np.uint8))
+    files = {}
+    for name in image_names:
+        folder, _, base = name.rpartition("/")
+        prefix = f"{folder}/" if folder else ""
+        files[f"{prefix}._{base}"] = APPLE_DOUBLE
+        files[f"__MACOSX/{prefix}._{base}"] = APPLE_DOUBLE
+    files.update({".DS_Store": b"\x00\x00\x00\x01Bud1" + bytes(32), "Thumbs.db": b"\xd0\xcf\x11\xe0" + bytes(60),
+                  "desktop.ini": b"[.ShellClassInfo]\r\n", "@eaDir/x.png/SYNOPHOTO_THUMB_S.jpg": b"\xff\xd8\xff",
+                  ".thumbnails/x.png": odd_png, ".hidden.png": odd_png})
+    return files
+
+
+def raw_png(array: np.ndarray, depth: int = 16) -> bytes:
+    """A PNG written by hand (Pillow writes no 16-bit colour): array [H, W] gray or [H, W, 3] RGB."""
+    h, w = array.shape[:2]
+    colour_type = 2 if array.ndim == 3 else 0
+    rows = b"".join(b"\0" + array[y].astype(">u2" if depth == 16 else "u1").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def make_adm_npz(path: Path, rng, n=4, shape=(3, 6, 6), labels=True, stats=True, nchw=False):
+    """A guided-diffusion / ADM sample or reference batch: np.savez with positional names, arr_0 uint8
+    images (NHWC as ADM writes them, or NCHW), arr_1 int labels; reference batches add float mu, sigma."""
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    label_values = rng.integers(0, 1000, n)
+    arrays = [images if nchw else images.transpose(0, 2, 3, 1)] + ([label_values] if labels else [])
+    extra = {"mu": rng.normal(size=8), "sigma": np.eye(8)} if stats else {}
+    np.savez(path, *arrays, **extra)
+    return images, (label_values if labels else None)
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
