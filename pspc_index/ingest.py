@@ -337,7 +337,7 @@ def read_image_files(where: Path, files: list[str], read_json, open_file, kind: 
     skipped = sum(map(is_os_metadata, files))
     data = [f for f in files if not is_os_metadata(f)]
     names = sorted(f for f in data if f.lower().endswith(IMAGE_SUFFIXES))
-    ignored = sorted(f for f in data if f not in names and f != "dataset.json")
+    ignored = sorted(f for f in data if not f.lower().endswith(IMAGE_SUFFIXES) and f != "dataset.json")
     notes = _skip_notes(where, skipped, ignored)
     if "dataset.json" in data:
         labels, classes = _json_labels(where / "dataset.json", read_json(), names), None
