@@ -133,9 +133,10 @@ def write_files(dest: Path, files: dict[str, bytes], method=zipfile.ZIP_DEFLATED
 
 
 def class_folder_files(rng, counts: dict[str, int], shape=(3, 4, 6), wrapper=""):
-    """torchvision ImageFolder layout: [wrapper/]class/img<i>.png for counts {class: n}, classes unsorted.
+    """torchvision ImageFolder layout: [wrapper/]class/img<i>.png for counts {class: n}.
 
-    Returns (files, images, labels, classes): images in sorted-path order, labels index sorted classes.
+    Returns (files, images, labels, classes): files in reverse path order (a reader must sort), images in
+    sorted-path order, labels indexing the sorted class names.
     """
     classes = sorted(counts)
     names = sorted(f"{wrapper}{c}/img{i}.png" for c, k in counts.items() for i in range(k))
