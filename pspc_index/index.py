@@ -114,7 +114,8 @@ def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool =
     """Train and fill an index over every virtual training patch of a window, adding in chunks so memory
     stays at one chunk of float32 vectors. Training uses a seeded sample: all patches for sq8 (its value
     ranges must cover every patch, up to TRAIN_MAX), max(64 nlist, 16,384) for the k-means cells and PQ
-    codebooks (FAISS asks 39 points per centroid; more only slows the build)."""
+    codebooks (FAISS asks 39 points per centroid; more only slows the build), deduplicated for k-means
+    kinds (`kmeans_sample`)."""
     import faiss
 
     n, d = len(data), data.shape[0] * (win[1] - win[0]) * (win[3] - win[2])
@@ -129,7 +130,7 @@ def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool =
             n_train = TRAIN_MAX if kind == "sq8" else min(TRAIN_MAX, max(64 * nlist, 16384))
             rng = np.random.default_rng(np.random.SeedSequence([n, d, win[0], win[2]]))
             sample = np.sort(rng.choice(n, n_train, replace=False)) if n > n_train else np.arange(n)
-            index.train(index_vectors(data, win, torch.from_numpy(sample)))
+            index.train(kmeans_sample(index_vectors(data, win, torch.from_numpy(sample)), kind, nlist))
         for start in range(0, n, chunk):
             index.add(index_vectors(data, win, torch.arange(start, min(start + chunk, n))))
     except RuntimeError as e:  # FAISS refusals (e.g. fewer training patches than PQ centroids)
@@ -138,13 +139,25 @@ def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool =
     return faiss.index_gpu_to_cpu(index) if gpu else index
 
 
+def kmeans_sample(x: np.ndarray, kind: str, nlist: int) -> np.ndarray:
+    """The training vectors a kind learns from, given a sample x [n, d]: for IVF kinds the distinct rows
+    of x, when there are at least nlist of them (and the 16 centroids of 4-bit PQ codebooks), else x.
+
+    Duplicates seed k-means cells on copies of one patch (Fashion-MNIST's background), and all but one
+    copy stay empty: clustering distinct patches places the cells on the content, not its multiplicity."""
+    if not kind.startswith("ivf"):
+        return x
+    distinct = np.unique(x, axis=0)
+    return distinct if len(distinct) >= max(nlist, 16 if kind == "ivf-pq" else 1) else x
+
+
 def collapsed(index) -> bool:
     """Whether an IVF index's k-means collapsed: fewer than half of its lists hold a patch.
 
-    FAISS re-splits empty cells while training, so on varied data every list fills. Many empty lists
-    mean the block has fewer distinct patches than lists (its duplicates all fall in one cell, the
-    split-off copies stay empty): the cells prune nothing, and queries whose nearest centroids are the
-    empty copies would have to widen their probe to every list, a flat scan with extra steps."""
+    Trained on distinct patches (`kmeans_sample`), every list fills; many empty lists mean the block
+    has fewer distinct patches than lists (constant blocks, constant images): the cells prune nothing,
+    and queries whose nearest centroids are empty copies would widen their probe to every list, a flat
+    scan with extra steps."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
