@@ -9,9 +9,10 @@ retrieval rescales nothing from FAISS, it only takes candidate ids.
 Kinds: flat (exact L2 search), sq8 (1 byte per dimension), ivf-flat / ivf-sq8 / ivf-pq (inverted
 lists over nlist k-means cells, searched in nprobe of them; ivf-pq: M/2 bytes per patch, M <= pq_m).
 Every kind only proposes candidates; their distances are recomputed from the store. Duplicate patches
-(black backgrounds, constant images) leave k-means cells empty: a block whose clustering collapsed is
-indexed flat instead (recorded as the file's "kind"), and a search whose probed lists hold fewer than k
-patches widens its probe, up to every list, so every query gets min(k, N) candidates.
+(black backgrounds, constant images) leave k-means cells empty: k-means clusters distinct patches, a
+block whose clustering still collapsed gets one list (recorded as the file's "nlist"), and a search
+whose probed lists hold fewer than k patches widens its probe, up to every list, so every query gets
+min(k, N) candidates.
 
 Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block) and `manifest.json`
 (written last). Files are written under temporary names and renamed; a progress journal lets a killed
@@ -166,12 +167,13 @@ def collapsed(index) -> bool:
 
 
 def block_index(data, win, kind: str, nlist: int, pq_m: int, gpu: bool):
-    """(index, kind) of one block: `make_index` of `kind`, or a flat index where IVF k-means collapsed
-    (float32, 4 d bytes a patch: larger than ivf-pq codes, but only on such duplicate-heavy blocks)."""
+    """(index, lists) of one block: `make_index` with nlist lists, or with one list where IVF k-means
+    collapsed. One list is a scan of every code: no probe misses, and the kind's compact codes stay
+    (a flat fallback would store 4 d bytes a patch)."""
     index = make_index(data, win, kind, nlist, pq_m, gpu)
-    if kind.startswith("ivf") and collapsed(index):
-        return make_index(data, win, "flat", gpu=gpu), "flat"
-    return index, kind
+    if kind.startswith("ivf") and nlist > 1 and collapsed(index):
+        return make_index(data, win, kind, 1, pq_m, gpu), 1
+    return index, nlist
 
 
 def default_nlist(n: int) -> int:
@@ -285,11 +287,11 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
         if rec and path.exists() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
             files[name] = rec
         elif i % world == rank:
-            index, file_kind = block_index(data, win, kind, nlist or 0, pq_m, gpu)
+            index, lists = block_index(data, win, kind, nlist or 0, pq_m, gpu)
             raw = faiss.serialize_index(index).tobytes()
             _write_atomic(path, raw)
-            files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "size": len(raw),
-                           "sha256": hashlib.sha256(raw).hexdigest()}
+            files[name] = {"s": s, "block": [by, bx], "window": list(win), "nlist": lists if ivf else None,
+                           "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
             _write_json(journal, {**params, "files": {**done, **files}})
     if world > 1:
         import torch.distributed as dist
@@ -333,9 +335,9 @@ class Bundle:
     def xflip(self) -> bool:
         return bool(self.manifest["xflip"])
 
-    def file_kind(self, s: int, by: int, bx: int) -> str:
-        """The kind of one block's index: the bundle's, or flat where its k-means collapsed."""
-        return self.manifest["files"][file_name(s, by, bx)].get("kind", self.kind)
+    def file_nlist(self, s: int, by: int, bx: int) -> int:
+        """Lists of one block's IVF index: the bundle's nlist, or 1 where its k-means collapsed."""
+        return int(self.manifest["files"][file_name(s, by, bx)].get("nlist") or self.manifest["nlist"])
 
     def index(self, s: int, by: int, bx: int):
         import faiss
@@ -361,10 +363,11 @@ class Bundle:
         if self.gpu and k > 2048:
             raise UserError(f"k={k}: FAISS GPU search returns at most 2048 candidates")
         x = np.ascontiguousarray(queries.to(torch.float32).cpu().numpy())
-        if not self.file_kind(s, by, bx).startswith("ivf"):
+        if not self.kind.startswith("ivf"):
             return torch.from_numpy(index.search(x, k)[1])
         # faiss-gpu probes at most 2048 lists: a row still short there keeps -1 ids (retrieve masks them)
-        most = min(int(self.manifest["nlist"]), 2048) if self.gpu else int(self.manifest["nlist"])
+        lists = self.file_nlist(s, by, bx)
+        most = min(lists, 2048) if self.gpu else lists
         probe = min(int(nprobe or self.manifest["nprobe"]), most)
         self._set_nprobe(index, probe)
         ids = index.search(x, k)[1]

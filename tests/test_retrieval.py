@@ -246,17 +246,16 @@ def determined_pixels(data, s):
     return varies[0, 0] == 0
 
 
-def test_collapsed_blocks_fall_back_to_flat(dup_bundles):
+def test_collapsed_blocks_get_one_list(dup_bundles):
     for name, (store, paths) in dup_bundles.items():
         for kind in ("ivf-flat", "ivf-sq8", "ivf-pq"):
-            files = json.loads((paths[kind] / "manifest.json").read_text())["files"]
-            kinds = {rec["kind"] for rec in files.values()}
+            man = json.loads((paths[kind] / "manifest.json").read_text())
+            lists = {rec["nlist"] for rec in man["files"].values()}
             if name == "black-background":
-                # the black blocks hold one patch (flat); the centre blocks' cells stay IVF
-                assert kinds == {"flat", kind}, (kind, kinds)
-                assert files["s3_b0_0.faiss"]["kind"] == "flat"
+                # the black blocks hold one patch (one list); the centre blocks keep their cells
+                assert lists == {1, man["nlist"]} and man["files"]["s3_b0_0.faiss"]["nlist"] == 1, (kind, lists)
             else:
-                assert kinds == {"flat"}, (name, kind, kinds)
+                assert lists == {1}, (name, kind, lists)
 
 
 @pytest.mark.parametrize("tail", ["none", "sample"])
@@ -290,10 +289,10 @@ def test_duplicate_stores_match_exact(dup_bundles, name, kind, tail):
 @pytest.mark.parametrize("name,nlist", [("identical", 2), ("two-valued", 3)])
 def test_short_probes_widen(tmp_path, name, nlist, kind):
     # lists of duplicates: one list per distinct patch, the split-off copies empty but (half filled) not
-    # collapsed, so the IVF stays; queries whose nearest centroid is an empty copy must widen their probe
+    # collapsed, so the lists stay; queries whose nearest centroid is an empty copy must widen their probe
     store = write_store(tmp_path / "s.zarr", DUP_STORES[name](n=60, h=8))
     man = build_bundle(store.path, tmp_path / "b", [3], stride=8, kind=kind, nlist=nlist, pq_m=8, progress=False)
-    assert man["nprobe"] == 1 and {rec["kind"] for rec in man["files"].values()} == {kind}
+    assert man["nprobe"] == 1 and {rec["nlist"] for rec in man["files"].values()} == {nlist}
     data = store.training_set()
     bundle = open_bundle(tmp_path / "b", store)
     zw = queries(data, 0.3, b=32, seed=5)[:, :, :8, :8].flatten(1)
@@ -329,14 +328,14 @@ def test_cli_default_build_and_sample_on_black_background(tmp_path):
 
 def test_mostly_duplicate_blocks_keep_their_cells(tmp_path):
     # 90% black corners, 10% varied: k-means on the raw sample would seed most cells on black copies
-    # that stay empty; trained on distinct patches, every list fills and the block stays IVF
+    # that stay empty; trained on distinct patches, every list fills and the block keeps its cells
     x = np.zeros((200, 1, 8, 8), np.uint8)
     rng = np.random.RandomState(11)
     x[:20, :, :2, :2] = rng.randint(0, 256, (20, 1, 2, 2))
     store = write_store(tmp_path / "s.zarr", x[rng.permutation(200)])
     man = build_bundle(store.path, tmp_path / "b", [3], kind="ivf-flat", progress=False)
-    assert man["files"]["s3_b0_0.faiss"]["kind"] == "ivf-flat"
-    assert man["files"]["s3_b1_1.faiss"]["kind"] == "flat"  # rows 4-7: black in every image
+    assert man["files"]["s3_b0_0.faiss"]["nlist"] == man["nlist"] > 1
+    assert man["files"]["s3_b1_1.faiss"]["nlist"] == 1  # rows 4-7: black in every image
     index = open_bundle(tmp_path / "b", store).index(3, 0, 0)  # held: the IVF view below borrows it
     ivf = faiss.extract_index_ivf(index)
     assert all(ivf.invlists.list_size(i) > 0 for i in range(ivf.nlist))
