@@ -9,7 +9,7 @@ import torch
 
 from .errors import UserError
 from .geometry import MaskCrops, SquareCrops, flex_masks
-from .posterior import composite_mean, empirical_mean
+from .posterior import empirical_mean, mask_composite, square_composite
 from .schedule import Schedule, default_schedule
 from .store import TrainingSet
 
@@ -112,15 +112,24 @@ class CFDM(Denoiser):
         return out.unflatten(0, (len(z), len(eps))).mean(1)
 
 
+def dense_weights_hook(on_weights, b: int, h: int, w: int):
+    """The exact engine's on_weights(start, a [B, n, H, W]) in the attribution form
+    on_weights(rows, ids [B, n], a, window) (every query, images start..start+n, the whole image)."""
+    def hook(start, a):
+        ids = torch.arange(start, start + a.shape[1], device=a.device).expand(b, -1)
+        on_weights(slice(0, b), ids, a, (0, h, 0, w))
+    return hook
+
+
 class PSPCSquare(Denoiser):
     """PSPC-Square: all valid s x s crops, s = `patch_size` or the schedule's s(t) at the nearest grid t.
-    s = H is exactly the optimal denoiser (one crop, the whole image). `dtype`: the composite's compute
-    type (float32; float64 for oracle checks)."""
+    s = H is exactly the optimal denoiser (one crop, the whole image). `dtype`: the exact kernel's
+    precision (None: certified logits, see posterior.py; torch.float64 for oracle checks)."""
 
     name = "pspc-square"
 
     def __init__(self, data: TrainingSet, patch_size: int | None = None, schedule: Schedule | None = None,
-                 dtype=torch.float32):
+                 dtype: torch.dtype | None = None):
         super().__init__(data)
         self.fixed, self.dtype = patch_size, dtype
         # (rank, world): this process's share of the crop locations (torchrun location split)
@@ -142,38 +151,22 @@ class PSPCSquare(Denoiser):
         return out
 
     def patch_mean(self, z, t, s, on_weights=None):
-        """The composite of patch size s. on_weights(rows, ids [r, n], a [r, n, h, w], window) sees the
-        per-pixel weights a_i[p] of the images ids (attribution; the retrieval path calls it sparsely)."""
+        """The composite of patch size s (s >= max(H, W): the one full-image crop, i.e. D*).
+        on_weights(rows, ids [r, n], a [r, n, H, W], window) sees the per-pixel weights a_i[p] of the
+        images ids (attribution; the retrieval path calls it sparsely)."""
         h, w = self.data.shape[1:]
-        if s >= max(h, w):
-            if on_weights is None:
-                return empirical_mean(z, t, self.data)
-            # s = H as the composite over the one full-image crop, which exposes the weights
-            return self.window_mean(z, t, MaskCrops(torch.ones(1, h, w, dtype=torch.bool)), (0, h), on_weights)
+        sh, sw = (h, w) if s >= max(h, w) else (s, s)
+        hook = None if on_weights is None else dense_weights_hook(on_weights, len(z), h, w)
         rank, world = self.locations
-        if world == 1:
-            return self.window_mean(z, t, SquareCrops(h, w, s), (0, h), on_weights)
-        # this process's rows of crop locations, over the image rows they touch; the parts sum to the whole
+        if world == 1 or sh == h:
+            return square_composite(z, t, self.data, sh, sw, on_weights=hook, dtype=self.dtype)
+        # this process's rows of crop locations; the parts (each over the whole set's coverage) sum to the whole
         from .distributed import all_reduce_sum, split_range
 
-        mine = split_range(h - s + 1, rank, world)
-        out = torch.zeros_like(z)
-        if len(mine):
-            r0, r1 = mine.start, mine.stop - 1 + s
-            cov = SquareCrops(h, w, s).coverage[r0:r1]
-            out[:, :, r0:r1] = self.window_mean(z, t, SquareCrops(r1 - r0, w, s), (r0, r1), on_weights, cov)
+        mine = split_range(h - sh + 1, rank, world)
+        out = (square_composite(z, t, self.data, sh, sw, rows=(mine.start, mine.stop), on_weights=hook,
+                                dtype=self.dtype) if len(mine) else torch.zeros_like(z))
         return all_reduce_sum(out)
-
-    def window_mean(self, z, t, crops, rows, on_weights=None, coverage=None):
-        """composite_mean over image rows r0:r1 (crops local to them), with the weights hook adapted."""
-        r0, r1 = rows
-
-        def dense(start, a):
-            ids = torch.arange(start, start + a.shape[1], device=a.device).expand(len(z), -1)
-            on_weights(slice(0, len(z)), ids, a, (r0, r1, 0, z.shape[-1]))
-        data = self.data if (r0, r1) == (0, z.shape[-2]) else self.data.rows(r0, r1)
-        return composite_mean(z[:, :, r0:r1], t, data, crops, dtype=self.dtype,
-                              on_weights=None if on_weights is None else dense, coverage=coverage)
 
 
 class PSPCFlex(Denoiser):
@@ -212,7 +205,7 @@ class PSPCFlex(Denoiser):
             lam, tj = float(key[1]), float(self.heatmap_ts[int(key[0])])
             zs, ts = z[sel.to(z.device)], t[sel]
             out[sel.to(z.device)] = (empirical_mean(zs, ts, self.data) if lam >= 1
-                                     else composite_mean(zs, ts, self.data, self.crops(tj, lam)))
+                                     else mask_composite(zs, ts, self.data, self.crops(tj, lam).masks()))
         return out
 
 

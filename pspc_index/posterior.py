@@ -1,20 +1,51 @@
-"""Exact posterior means over the training set, streamed in chunks so memory is bounded for any N.
+"""The exact engine: patch posterior means as batched attention, streamed over the training set.
 
-Three exact computations, all over the same-location training patches of the paper:
-  empirical_mean   D*(z, t)        = sum_i softmax_i(-||z - x_i||^2 / 2t^2) x_i            (Eq. 6-7)
-  composite_mean   PSPC (Eq. 11)   = (sum_k C_k^T C_k)^-1 sum_k C_k^T E[x_Ck | z_Ck]       (Eq. 9-11)
-and `OnlineSoftmax`, the one streaming-softmax implementation every path (exact and retrieval) uses.
+For a crop C and a query z, the patch posterior over training patches x_i (paper Eq. 9-10) is
+attention with a per-key bias:
+    E[x_C | z_C] = sum_i softmax_i(l_i) x_iC,   l_i = (z_C . x_iC - ||x_iC||^2 / 2) / t^2 + log w_i
+(the -||z_C||^2 / 2t^2 term is the same for every i and cancels; w_i are optional per-key weights:
+multiplicities, importance weights). `patch_posterior` is the one kernel: for G groups (crop
+locations, or location x query pairs) of b queries each, it streams chunks of keys [G, n, d], computes
+all logits with one batched GEMM in homogeneous coordinates, folds them into a running max and
+normaliser (online softmax), and accumulates the means with a second batched GEMM. Every exact path
+is a choice of groups and keys:
+  square_composite  PSPC-Square (Eq. 11): all (sh x sw) crop locations of the image, keys unfolded from
+                    the uint8 store (strided views, cached per size); the full-image crop is the
+                    optimal denoiser D* (Eq. 6-7), `empirical_mean`.
+  mask_composite    PSPC-Flex and any crop masks: crops as index gathers, equal-size masks batched.
+  retrieval.py      exact rescoring of gathered candidates (one group per location and query).
+
+Horizontal flips (the training set's second half) never become keys: the flip of image i at location
+(y, x) is the mirror of image i at (y, W - sw - x), so the flipped half is the original keys queried
+with flip(z) at the mirrored location, and the two halves' softmax states are merged per location.
+
+Numerics (what is guaranteed). Keys enter as their uint8 values u (exact in any float type) with
+x = u / 127.5 - 1, and the logit GEMM's rounding error is bounded (Higham's gamma_K = K u / (1 - K u)
+for K-term dot products, plus one rounding of each operand):
+    |l~ - l| <= delta = (gamma_K + 2 u) (||z_C|| ||u_C|| / 127.5 + ||x_C||^2 / 2) / t^2 + (gamma_K + 2u) |log w|.
+`logit_dtype` takes float32 only where delta <= LOGIT_TOL for every query, else float64 (u = 2^-53, so
+delta stays below LOGIT_TOL for every t >= 0.002 up to d ~ 10^3). Logit errors <= delta perturb each
+normalised weight by a factor in [e^-2delta, e^2delta], so every patch mean is within
+(e^(2 delta) - 1) * 2 of the exact one (pixels in [-1, 1]): <= 4e-6 at LOGIT_TOL = 1e-6. Running max,
+normaliser and accumulators are kept per chunk in the logit dtype and combined in float64.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .store import TrainingSet
 
-# elements of the largest per-chunk intermediate ([B, n, H, W] floats); ~64 MB in float32
+# elements of the largest per-chunk intermediate (the [G, b, n] logits); 64 MB in float32
 CHUNK_ELEMENTS = 2 ** 24
+# largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
+LOGIT_TOL = 1e-6
+# bytes of unfolded uint8 patches kept between calls (`set_patch_cache_budget`)
+_CACHE_BUDGET = 2 * 2 ** 30
 
 
 class OnlineSoftmax:
@@ -37,9 +68,11 @@ class OnlineSoftmax:
         m_new = logits.amax(self.dim)
         if self.m is not None:
             m_new = torch.maximum(self.m, m_new)
-        scale = None if self.m is None else torch.exp(self.m - m_new)
+        # an all -inf row (every key excluded so far) keeps max -inf: shift by 0 instead of inf - inf
+        shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        scale = None if self.m is None else torch.exp(self.m - shift)
         # 2. this chunk's terms relative to the new max
-        w = torch.exp(logits - m_new.unsqueeze(self.dim))
+        w = torch.exp(logits - shift.unsqueeze(self.dim))
         if weights is not None:
             w = w * weights
         # 3. fold into normaliser and accumulator
@@ -58,75 +91,315 @@ class OnlineSoftmax:
         return self.acc / self.z.reshape(*self.z.shape, *[1] * (self.acc.ndim - self.z.ndim))
 
 
-def _t_column(t, batch: int, dtype) -> torch.Tensor:
-    """t as [B] (a scalar is broadcast)."""
-    t = torch.as_tensor(t, dtype=dtype)
-    return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
+def set_patch_cache_budget(nbytes: int) -> None:
+    """Bytes of unfolded uint8 training patches kept between calls (sampling calls each size many
+    times); 0 disables the cache. Default 2 GiB."""
+    global _CACHE_BUDGET
+    _CACHE_BUDGET = int(nbytes)
+    _PATCHES.clear()
 
 
-def chunk_size(batch: int, per_image: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, batch * per_image))
+# ------------------------------------------------------------------------------------------------
+# the kernel
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class KeyChunk:
+    """n keys of each of G groups. u: pixel values 0..255 as float [G, n, d] (exact); sq: ||x||^2 of
+    x = u / 127.5 - 1, float64 [G, n]; log_w: optional log weights [G or 1, n] (-inf excludes a key)."""
+
+    u: torch.Tensor
+    sq: torch.Tensor
+    log_w: torch.Tensor | None = None
 
 
-def crop_sq_dists(z: torch.Tensor, x: torch.Tensor, crops) -> torch.Tensor:
-    """||z_C - x_C||^2 of every crop C, by direct differences (never the norm expansion) and crop sums:
-    z [B, C, H, W], x [B or 1, n, C, H, W] -> [B, n, K]."""
-    return crops.crop_sums(((x - z[:, None]) ** 2).sum(2))
+def logit_dtype(z: torch.Tensor, t: torch.Tensor, d: int, log_w_max: float = 0.0) -> torch.dtype:
+    """float32 where the float32 logit error bound (module docstring) is <= LOGIT_TOL for every query
+    of z [G, b, d] at noise levels t [b], else float64."""
+    k = d + 2
+    u32 = 2.0 ** -24
+    gamma = k * u32 / (1 - k * u32) + 2 * u32
+    zn = z.to(torch.float64).norm(dim=-1).amax(0).cpu()  # [b]
+    scale = zn * 255 * math.sqrt(d) / 127.5 + d / 2  # ||z|| ||u|| / 127.5 + ||x||^2 / 2, keys at their largest
+    delta = gamma * (scale / t.cpu() ** 2 + log_w_max)
+    return torch.float32 if float(delta.max()) <= LOGIT_TOL else torch.float64
+
+
+def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Iterator[tuple[int, KeyChunk]]],
+                    dtype: torch.dtype | None = None, lse: torch.Tensor | None = None,
+                    on_weights: Callable[[int, torch.Tensor], None] | None = None):
+    """Posterior means of query patches over streamed key patches: softmax attention with per-key bias.
+
+    z: queries [G, b, d] in [-1, 1] units (any float dtype); t: noise levels [b] (EDM sigma, float64);
+    chunks(): iterator of (start, KeyChunk) over the key set, every chunk with the same G and d.
+    dtype: None (default): logits in `logit_dtype` (certified, see the module docstring), weights and
+    means in float32; torch.float64: everything in float64 (oracle precision); torch.float32: everything
+    in float32 (fastest, logit error not certified at small t).
+
+    Returns (mean [G, b, d] float64 in [-1, 1] pixel units, lse [G, b] float64): lse is the log
+    normaliser log sum_i w_i exp(l_i) with l_i = (z . x_i - ||x_i||^2 / 2) / t^2 (the row constant
+    -||z||^2 / 2t^2 left out), so two key sets' results merge by their lse.
+    With `lse` given (a second pass, after the first and any merging): instead calls
+    on_weights(start, w [G, b, n]) with each chunk's normalised weights w = exp(l - lse) and returns None.
+    """
+    g, b, d = z.shape
+    dev = z.device
+    inv_t2 = (1 / t.to(torch.float64) ** 2).to(dev)
+    ldt = dtype or logit_dtype(z, t, d)
+    wdt = dtype or torch.float32
+    # keys in homogeneous coordinates [u, 1, -||x||^2/2, log w] against queries [z/127.5t^2, 0, 1/t^2, 1]:
+    # one GEMM gives every logit (1/127.5 turns u into x + 1; the resulting sum(z)/t^2 is a row constant),
+    # and the values [u, 1] make the second GEMM return the normaliser beside the weighted sum
+    q = torch.cat([z.to(torch.float64) * (inv_t2 / 127.5)[None, :, None], torch.zeros(g, b, 1, dtype=torch.float64,
+                   device=dev), inv_t2.expand(g, b)[..., None], torch.ones(g, b, 1, dtype=torch.float64, device=dev)],
+                  2).to(ldt)
+    m = acc = None
+    for start, ch in chunks():
+        n = ch.u.shape[1]
+        # 1. this chunk's keys, and one batched GEMM for every logit [G, b, n]
+        k = torch.empty(g, n, d + 3, dtype=ldt, device=dev)
+        k[..., :d] = ch.u
+        k[..., d] = 1
+        k[..., d + 1] = ch.sq * -0.5
+        k[..., d + 2] = 0 if ch.log_w is None else ch.log_w
+        logits = torch.bmm(q, k.transpose(1, 2))
+        if lse is not None:
+            # pass 2: normalised weights for the caller (attribution)
+            on_weights(start, torch.exp(logits.to(torch.float64) - lse[..., None]))
+            continue
+        # 2. online softmax: new running max, this chunk's terms relative to it
+        cm = logits.amax(2)
+        m_new = cm if m is None else torch.maximum(m, cm)
+        shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # rows with every key excluded
+        w = logits.sub_(shift[..., None]).to(wdt).exp_()
+        # 3. second batched GEMM: [sum_i w_i u_i, sum_i w_i], folded into the rescaled accumulator
+        v = k[..., :d + 1] if wdt == ldt else k[..., :d + 1].to(wdt)
+        part = torch.bmm(w, v).to(torch.float64)
+        acc = part if m is None else acc * torch.exp((m - shift).to(torch.float64))[..., None] + part
+        m = m_new
+    if lse is not None:
+        return None
+    zsum = acc[..., d]
+    return acc[..., :d] / zsum[..., None] / 127.5 - 1, m.to(torch.float64) + torch.log(zsum)
+
+
+def posterior_weights_pass(z, t, chunks, lse, on_weights, dtype=None) -> None:
+    """The second pass of `patch_posterior`: on_weights(start, w [G, b, n]) with the normalised
+    weights exp(l - lse) of every chunk (lse [G, b] from the first pass, possibly merged)."""
+    patch_posterior(z, t, chunks, dtype=dtype or logit_dtype(z, t, z.shape[-1]), lse=lse, on_weights=on_weights)
+
+
+def merge(mean_a, lse_a, mean_b, lse_b):
+    """Two key sets' posterior states -> the state over their union (means weighted by normalisers)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return wa * mean_a + wb * mean_b, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# keys: unfolded training patches of rectangular crops at every location (cached per size)
+# ------------------------------------------------------------------------------------------------
+
+_PATCHES: dict = {}
+
+
+def unfold_u8(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> every (sh x sw) patch, location-major [P, N, C*sh*sw] with
+    P = (H-sh+1)(W-sw+1) row-major by corner (strided views, then one copy)."""
+    n, c, h, w = images.shape
+    v = images.unfold(2, sh, 1).unfold(3, sw, 1)  # [N, C, gh, gw, sh, sw], a view
+    return v.permute(2, 3, 0, 1, 4, 5).reshape((h - sh + 1) * (w - sw + 1), n, c * sh * sw)
+
+
+def square_patches(data: TrainingSet, sh: int, sw: int, rows: tuple[int, int] | None = None):
+    """(patches uint8 [P, N, d], sq float64 [P, N]) of the stored images (no flips) for crop locations in
+    location rows r0:r1 (all by default); kept in a cache while within the budget."""
+    gh = data.shape[1] - sh + 1
+    r0, r1 = rows or (0, gh)
+    key = (id(data.images), data.images.data_ptr(), tuple(data.images.shape), sh, sw, r0, r1)
+    if key in _PATCHES:
+        return _PATCHES[key]
+    imgs = data.images[:, :, r0:r1 - 1 + sh]
+    u8 = unfold_u8(imgs, sh, sw)
+    sq = torch.empty(u8.shape[:2], dtype=torch.float64, device=u8.device)
+    for i in range(0, u8.shape[1], 4096):  # ||u/127.5 - 1||^2 exactly: (2u - 255)^2 are integers
+        v = u8[:, i:i + 4096].to(torch.int32) * 2 - 255
+        sq[:, i:i + 4096] = (v * v).sum(2).to(torch.float64) / 255.0 ** 2
+    nbytes = u8.numel() + sq.numel() * 8
+    if nbytes <= _CACHE_BUDGET:
+        while _PATCHES and sum(p.numel() + s.numel() * 8 for p, s in _PATCHES.values()) + nbytes > _CACHE_BUDGET:
+            _PATCHES.pop(next(iter(_PATCHES)))  # least recently built first
+        _PATCHES[key] = (u8, sq)
+    return u8, sq
+
+
+def _chunk_len(g: int, b: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, g * b))
+
+
+def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.Tensor | None = None):
+    """chunks() over location-major patches u8 [G, N, d] (sq [G, N]), n keys a chunk; log_w [N] or None."""
+    def chunks():
+        for i in range(0, u8.shape[1], n):
+            lw = None if log_w is None else log_w[None, i:i + n]
+            yield i, KeyChunk(u8[:, i:i + n], sq[:, i:i + n], lw)
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------------
+# composites
+# ------------------------------------------------------------------------------------------------
+
+def _fold(patches: torch.Tensor, c: int, h: int, w: int, sh: int, sw: int) -> torch.Tensor:
+    """Sum of per-location patches [P, B, C*sh*sw] into images [B, C, h, w] (the adjoint of unfold)."""
+    p, b, _ = patches.shape
+    cols = patches.permute(1, 2, 0)  # [B, C*sh*sw, P], F.fold's channel-major order
+    return F.fold(cols, (h, w), (sh, sw))
+
+
+def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: int, sw: int | None = None,
+                     rows: tuple[int, int] | None = None, coverage: torch.Tensor | None = None,
+                     on_weights: Callable[[int, torch.Tensor], None] | None = None,
+                     log_w: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                     chunk: int | None = None) -> torch.Tensor:
+    """PSPC composite (Eq. 11) over every (sh x sw) crop location, exactly: the patch posterior at each
+    location over the same-location training patches (flips included when `data.xflip`), averaged per
+    pixel over the crops covering it. sh = H and sw = W is the optimal denoiser D* (Eq. 6-7).
+
+    z [B, C, H, W] float in [-1, 1] units (noisy); t [B] float64 (EDM sigma) -> [B, C, H, W] float32.
+    rows: only the crop locations whose top row is in r0:r1 (torchrun location split); the result is
+    then that part of the composite's sum, divided by the whole crop set's `coverage` ([H, W], default
+    this crop set's). log_w [N] (stored images; flips share their original's): per-image log weights.
+    on_weights(start, a [B, n, H, W]) sees the per-pixel weights a_i[p] = (1/#crops covering p)
+    sum_{C covers p} w_i(C) of virtual images start..start+n (attribution); sum_i a_i[p] = 1.
+    dtype: the logit type (default `logit_dtype`); chunk: keys per chunk (default: CHUNK_ELEMENTS logits).
+    """
+    sw = sh if sw is None else sw
+    b, c, h, w = z.shape
+    gh, gw = h - sh + 1, w - sw + 1
+    r0, r1 = rows or (0, gh)
+    u8, sq = square_patches(data, sh, sw, rows)
+    # queries: z and, for the flipped half, flip(z) (its location p holds the mirror of p's flipped keys)
+    zz = torch.cat([z, z.flip(-1)]) if data.xflip else z
+    q = unfold_u8(zz[:, :, r0:r1 - 1 + sh].to(torch.float64), sh, sw)  # [P, B or 2B, d]
+    t2 = torch.cat([t, t]) if data.xflip else t
+    dtype = dtype or logit_dtype(q, t2, q.shape[-1], 0.0 if log_w is None else float(log_w.abs().max()))
+    lw = None if log_w is None else log_w.to(z.device)
+    chunks = stored_key_chunks(u8, sq, chunk or _chunk_len(len(u8), len(zz)), lw)
+    mean, lse = patch_posterior(q, t2, chunks, dtype)
+    mirror = torch.arange(len(q), device=z.device).view(r1 - r0, gw).flip(1).flatten()
+    if data.xflip:
+        # the flipped half at location p: the flip(z) rows at mirror(p), their means flipped back
+        mb = mean[mirror, b:].unflatten(-1, (c, sh, sw)).flip(-1).flatten(2)
+        mean, lse = merge(mean[:, :b], lse[:, :b], mb, lse[mirror, b:])
+    cov = _coverage(h, w, sh, sw) if coverage is None else coverage
+    out = torch.zeros(b, c, h, w, dtype=torch.float64, device=z.device)
+    out[:, :, r0:r1 - 1 + sh] = _fold(mean, c, r1 - 1 + sh - r0, w, sh, sw)
+    if on_weights is not None:
+        _square_weights(q, t2, chunks, lse, mirror, b, data, (r0, r1), sh, sw, h, w, cov, on_weights, dtype)
+    return (out / cov.to(out)).to(torch.float32)
+
+
+def _coverage(h: int, w: int, sh: int, sw: int) -> torch.Tensor:
+    """How many (sh x sw) crops cover each pixel, [H, W] float64."""
+    ones = torch.ones(1, sh * sw, (h - sh + 1) * (w - sw + 1), dtype=torch.float64)
+    return F.fold(ones, (h, w), (sh, sw))[0, 0]
+
+
+def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov, on_weights, dtype):
+    """Second pass for attribution: per-location weights -> per-pixel weights of the original images
+    (rows :b of q) and of their flips (rows b: at the mirrored locations), both over the merged lse."""
+    r0, r1 = rows
+    full = torch.cat([lse, lse[mirror]], 1) if data.xflip else lse
+    inv_cov = 1 / cov.to(torch.float64)
+
+    def per_pixel(wl):  # [P, B, n] location weights -> [B, n, H, W]
+        bb, n = wl.shape[1:]
+        cols = wl.permute(1, 2, 0).reshape(bb * n, 1, -1).expand(-1, sh * sw, -1)
+        a = torch.zeros(bb * n, 1, h, w, dtype=torch.float64, device=wl.device)
+        a[:, :, r0:r1 - 1 + sh] = F.fold(cols, (r1 - 1 + sh - r0, w), (sh, sw))
+        return (a[:, 0] * inv_cov).reshape(bb, n, h, w)
+
+    def hook(start, wts):
+        on_weights(start, per_pixel(wts[:, :b]))
+        if data.xflip:
+            on_weights(data.n_stored + start, per_pixel(wts[mirror, b:]))
+    posterior_weights_pass(q, t2, chunks, full, hook, dtype)
 
 
 def empirical_mean(z: torch.Tensor, t, data: TrainingSet, chunk: int | None = None) -> torch.Tensor:
-    """Optimal denoiser D*(z, t), one streaming pass. Distances use the norm expansion in float64,
-    whose cancellation error (~1e-13 here) is far below 2 t^2 even at t = 0.002."""
-    b = z.shape[0]
-    zf = z.reshape(b, -1).to(torch.float64)
-    inv2t2 = 1 / (2 * _t_column(t, b, torch.float64).to(z.device) ** 2)
-    zz = (zf * zf).sum(1, keepdim=True)
-    sm = OnlineSoftmax(dim=1)
-    for _, x in data.chunks(chunk or chunk_size(1, zf.shape[1]), torch.float64):
-        # 1. squared distances of every query to every image of the chunk
-        xf = x.reshape(len(x), -1)
-        d = (zz + (xf * xf).sum(1) - 2 * zf @ xf.T).clamp_min(0)
-        # 2. fold the chunk's posterior terms into the running softmax
-        sm.update(-d * inv2t2[:, None], lambda w: w @ xf)
-    return sm.mean().reshape(z.shape).to(z.dtype)
-
-
-def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, dtype=torch.float32,
-                   chunk: int | None = None,
-                   on_weights: Callable[[int, torch.Tensor], None] | None = None,
-                   coverage: torch.Tensor | None = None) -> torch.Tensor:
-    """PSPC composite (Eq. 11) over a crop set, exactly, in two streaming passes over the data.
-
-    Pass 1 finds each crop's log normaliser; pass 2 turns the crop posteriors into per-pixel weights
-    a_i[p] = (1/#crops covering p) sum_{k covers p} w_ik and sums a_i[p] x_i[p]. Distances use direct
-    differences (never the float32 norm expansion). `on_weights(start, a)` sees a [B, n, H, W] for the
-    images start..start+n (attribution). `coverage` replaces the crop set's own (a part of a larger crop
-    set, e.g. one process's rows of crop locations, is divided by the whole set's coverage).
-    """
+    """Optimal denoiser D*(z, t) = sum_i softmax_i(-||z - x_i||^2 / 2t^2) x_i (Eq. 6-7): the composite of
+    the one full-image crop. z [B, C, H, W] in [-1, 1]; t scalar or [B] (EDM sigma) -> [B, C, H, W]."""
     b, _, h, w = z.shape
-    zc = z.to(dtype)
-    inv2t2 = (1 / (2 * _t_column(t, b, torch.float64) ** 2)).to(dtype).to(z.device).reshape(b, 1, 1)
-    chunk = chunk or chunk_size(b, h * w * max(z.shape[1], len(crops) // (h * w) + 1))
+    return square_composite(z, _t_column(t, b), data, h, w, chunk=chunk).to(z.dtype)
 
-    def crop_logits(x):
-        return -crop_sq_dists(zc, x[None], crops) * inv2t2
 
-    # pass 1: log normaliser of every crop's posterior, [B, K]
-    sm = OnlineSoftmax(dim=1)
-    for _, x in data.chunks(chunk, dtype):
-        sm.update(crop_logits(x))
-    # pass 2: normalised crop weights -> per-pixel weights -> weighted sum of training pixels.
-    # Weights are exp(l - max) / Z, not exp(l - logsumexp): l and max are both huge at small t, but their
-    # difference is exact for near-ties, while a float32 logsumexp carries ~1e-3 rounding into every weight.
-    inv_cov = (1 / (crops.coverage if coverage is None else coverage)).to(dtype).to(z.device)
-    out = torch.zeros(b, z.shape[1], h * w, dtype=torch.float64, device=z.device)
-    for start, x in data.chunks(chunk, dtype):
-        wk = torch.exp(crop_logits(x) - sm.m[:, None]) / sm.z[:, None]
-        a = crops.uncrop(wk) * inv_cov
+def _t_column(t, batch: int) -> torch.Tensor:
+    """t as float64 [B] (a scalar is broadcast)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
+
+
+def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
+                   on_weights: Callable[[int, torch.Tensor], None] | None = None,
+                   dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
+    """PSPC composite (Eq. 11) over arbitrary crops `masks` (bool [K, H, W], all channels of a chosen
+    pixel; PSPC-Flex, Eq. 12): crops are index gathers, masks of equal size run as one batch of groups.
+    Every pixel must be covered (MaskCrops checks). z [B, C, H, W], t scalar or [B] -> [B, C, H, W].
+    on_weights(start, a [B, n, H, W]) as in `square_composite` (over the virtual set, flips explicit)."""
+    b, c, h, w = z.shape
+    t = _t_column(t, b)
+    masks = masks.to(z.device)
+    flat = masks.flatten(1)
+    cov = flat.sum(0).to(torch.float64).reshape(h, w)
+    out = torch.zeros(b, c, h * w, dtype=torch.float64, device=z.device)
+    sizes = flat.sum(1)
+    n_all = len(data)
+    for size in sizes.unique().tolist():
+        sel = (sizes == size).nonzero().flatten()
+        pix = flat[sel].nonzero()[:, 1].view(len(sel), size)  # [G, m] pixel indices, row-major
+        g = len(sel)
+        q = z.flatten(2)[:, :, pix].permute(2, 0, 1, 3).reshape(g, b, c * size).to(torch.float64)
+        dt = dtype or logit_dtype(q, t, c * size)
+        step = chunk or _chunk_len(g, b)
+
+        def chunks(pix=pix, g=g, size=size, step=step):
+            for i in range(0, n_all, step):
+                u = data.u8(torch.arange(i, min(i + step, n_all), device=z.device)).flatten(2)[:, :, pix]
+                u = u.permute(2, 0, 1, 3).reshape(g, -1, c * size)  # [G, n, C*m]
+                v = u.to(torch.int32) * 2 - 255
+                yield i, KeyChunk(u, (v * v).sum(2).to(torch.float64) / 255.0 ** 2)
+        mean, lse = patch_posterior(q, t, chunks, dt)
+        # each crop's mean back onto its pixels
+        vals = mean.view(g, b, c, size).permute(1, 2, 0, 3).reshape(b, c, g * size)
+        out.index_add_(2, pix.flatten(), vals)
         if on_weights is not None:
-            on_weights(start, a)
-        # per channel multiply-and-reduce: measured 20-300x faster than einsum/bmm here, whose
-        # [HW] batches of tiny (B x n) @ (n x C) products are dominated by overhead
-        a = a.flatten(2)
-        out += torch.stack([(a * x[:, c].flatten(1)).sum(1) for c in range(x.shape[1])], 1).to(torch.float64)
-    return out.reshape(z.shape).to(z.dtype)
+            def hook(start, wts, pix=pix, g=g, size=size):
+                bb, n = wts.shape[1:]
+                a = torch.zeros(bb, n, h * w, dtype=torch.float64, device=z.device)
+                a.index_add_(2, pix.flatten(), wts.permute(1, 2, 0).repeat_interleave(size, 2))
+                on_weights(start, (a / cov.flatten()).view(bb, n, h, w))
+            posterior_weights_pass(q, t, chunks, lse, hook, dt)
+    return (out.view(b, c, h, w) / cov).to(torch.float32)
+
+
+def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, on_weights=None, coverage=None,
+                   dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
+    """PSPC composite (Eq. 11) over a crop set (geometry.SquareCrops or MaskCrops): `square_composite`
+    or `mask_composite`. z [B, C, H, W] in [-1, 1]; t scalar or [B] (EDM sigma) -> [B, C, H, W] float32.
+    `coverage` [H, W]: divide by another crop set's coverage (a part of a larger set)."""
+    from .geometry import SquareCrops
+
+    t = _t_column(t, z.shape[0])
+    if isinstance(crops, SquareCrops):
+        return square_composite(z, t, data, crops.s, coverage=coverage, on_weights=on_weights, dtype=dtype,
+                                chunk=chunk)
+    if coverage is not None:
+        raise ValueError("coverage applies to square crop sets")
+    return mask_composite(z, t, data, crops.masks(), on_weights=on_weights, dtype=dtype, chunk=chunk)
+
+
+def crop_sq_dists(z: torch.Tensor, x: torch.Tensor, crops) -> torch.Tensor:
+    """||z_C - x_C||^2 of every crop C, by direct differences and crop sums:
+    z [B, C, H, W], x [B or 1, n, C, H, W] -> [B, n, K]."""
+    return crops.crop_sums(((x - z[:, None]) ** 2).sum(2))

@@ -155,6 +155,7 @@ def test_cli_zarr_resume_and_bad_args(store, tmp_path):
     res = CliRunner().invoke(cli, base + ["--out", str(out)])  # all done: a no-op rerun
     assert res.exit_code == 0, res.output
     (tmp_path / "plain.zarr").mkdir()
+    (tmp_path / "plain.zarr" / "notes.txt").write_text("a user's folder")
     for bad in (["--seed", "9", "--out", str(out)],          # settings differ from the existing run
                 ["--batch", "0", "--out", str(tmp_path / "b.zarr")],
                 ["--out", str(tmp_path / "plain.zarr")]):     # not a sample run
