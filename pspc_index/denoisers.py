@@ -73,12 +73,15 @@ class Gaussian(Denoiser):
         super().__init__(data)
         d = data.shape[0] * data.shape[1] * data.shape[2]
         total, outer = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
-        for _, x in data.chunks(4096, torch.float64):
+        keep = None if data.log_weights(virtual=True) is None else torch.isfinite(data.log_weights(virtual=True))
+        for start, x in data.chunks(4096, torch.float64):
             x = x.flatten(1).cpu()
+            if keep is not None:  # excluded images (and their flips) take no part
+                x = x[keep[start:start + len(x)].cpu()]
             total += x.sum(0)
             outer += x.T @ x
-        self.mu = total / len(data)
-        cov = outer / len(data) - torch.outer(self.mu, self.mu)
+        self.mu = total / data.n_included
+        cov = outer / data.n_included - torch.outer(self.mu, self.mu)
         s, u = torch.linalg.eigh(cov)
         s, u = s.flip(0).clamp_min(0), u.flip(1)
         if rank is not None:

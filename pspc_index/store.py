@@ -6,6 +6,7 @@ i >= N is the flip of image i - N), never a second copy.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -142,14 +143,20 @@ class TrainingSet:
     """The data set D of the paper: N stored images plus, with xflip, their mirror images (2N).
 
     Virtual index i < N is stored image i; i >= N is the horizontal flip of image i - N.
+    `excluded` (bool [N], optional) leaves stored images and their flips out of every posterior: the
+    exact kernel gives them log weight -inf, so a counterfactual set shares the pixels (and the cached
+    patches) of the full one instead of copying them.
     """
 
-    def __init__(self, images_u8: torch.Tensor, xflip: bool = True):
+    def __init__(self, images_u8: torch.Tensor, xflip: bool = True, excluded: torch.Tensor | None = None):
         if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
             raise UserError("training images must be uint8 [N, C, H, W]")
         self.images = images_u8
         self.xflip = xflip
         self.n_stored = images_u8.shape[0]
+        self.excluded = None if excluded is None or not bool(excluded.any()) else excluded.to(torch.bool).cpu()
+        if self.excluded is not None and bool(self.excluded.all()):
+            raise UserError("every training image is excluded")
 
     def __len__(self) -> int:
         return self.n_stored * (2 if self.xflip else 1)
@@ -163,16 +170,42 @@ class TrainingSet:
         return self.images.device
 
     def to(self, device) -> "TrainingSet":
-        return TrainingSet(self.images.to(device), self.xflip)
+        return TrainingSet(self.images.to(device), self.xflip, self.excluded)
+
+    def without(self, stored_ids) -> "TrainingSet":
+        """This set without the stored images `stored_ids` (and their flips), as a view (no copy).
+        Raises UserError for an index outside 0..N-1 or when nothing would be left."""
+        ids = torch.as_tensor(np.asarray(stored_ids), dtype=torch.long).reshape(-1)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.n_stored):
+            raise UserError(f"excluded index outside 0..{self.n_stored - 1}: "
+                            f"{int(ids.min()) if int(ids.min()) < 0 else int(ids.max())}")
+        ex = torch.zeros(self.n_stored, dtype=torch.bool) if self.excluded is None else self.excluded.clone()
+        ex[ids] = True
+        return TrainingSet(self.images, self.xflip, ex)
+
+    @property
+    def n_included(self) -> int:
+        """Virtual images taking part (flips included)."""
+        kept = self.n_stored - (0 if self.excluded is None else int(self.excluded.sum()))
+        return kept * (2 if self.xflip else 1)
+
+    def log_weights(self, virtual: bool = False) -> torch.Tensor | None:
+        """Per-image log weights for the kernel: 0, or -inf where excluded; float64 [N] (stored images,
+        flips share them) or, with `virtual`, [len(self)]. None when nothing is excluded."""
+        if self.excluded is None:
+            return None
+        lw = torch.zeros(self.n_stored, dtype=torch.float64).masked_fill(self.excluded, -math.inf)
+        return lw.repeat(2 if virtual and self.xflip else 1).to(self.device)
 
     def subset(self, keep: torch.Tensor | np.ndarray) -> "TrainingSet":
         """The training set with only the stored images `keep` (flips follow their originals)."""
         keep = torch.as_tensor(np.asarray(keep), dtype=torch.long, device=self.device)
-        return TrainingSet(self.images[keep], self.xflip)
+        ex = None if self.excluded is None else self.excluded[keep.cpu()]
+        return TrainingSet(self.images[keep], self.xflip, ex)
 
     def rows(self, r0: int, r1: int) -> "TrainingSet":
         """The training set cropped to image rows r0:r1 (a view; flips are horizontal, so they commute)."""
-        return TrainingSet(self.images[:, :, r0:r1], self.xflip)
+        return TrainingSet(self.images[:, :, r0:r1], self.xflip, self.excluded)
 
     def u8(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 images at virtual indices idx (any shape) -> [*idx.shape, C, H, W]."""

@@ -576,3 +576,31 @@ def test_bad_inputs_raise_user_error(name):
     for bad_shape in ((2, 1, 5, 4), (2, 3, 5, 5), (1, 5, 5), (2, 1, 6, 5)):
         with pytest.raises(UserError):
             den(torch.zeros(bad_shape), 0.3)
+
+
+# ----------------------------------------------------------------------------------------------
+# exclusion: a view with log weight -inf equals a store without those images
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("t", [0.002, 0.3, 80.0])
+def test_excluded_images_equal_a_smaller_store(kind, t):
+    full = data_for(kind)
+    gone = [1, 4, 11]
+    keep = [i for i in range(N) if i not in gone]
+    view, small = full.without(gone), TrainingSet(full.images[keep], xflip=True)
+    assert view.images is full.images and view.n_included == 2 * len(keep)
+    z, _ = queries(small, t, "random")
+    h, w = SHAPES[kind][1:]
+    heat = torch.rand(1, h, w, h, w, generator=torch.Generator().manual_seed(3))
+    for make in (Empirical, Gaussian, lambda d: PSPCSquare(d, patch_size=3), lambda d: CFDM(d, m=2),
+                 lambda d: PSPCFlex(d, heat, torch.tensor([t]), lam=0.5)):
+        assert (make(view)(z, t) - make(small)(z, t)).abs().max() <= TOL
+
+
+def test_excluding_everything_is_refused():
+    data = data_for("gray")
+    with pytest.raises(UserError, match="every training image"):
+        data.without(range(N))
+    with pytest.raises(UserError, match="outside"):
+        data.without([N])
