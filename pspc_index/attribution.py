@@ -15,6 +15,10 @@ images it stands for, not its own. `--tail none` (pure top-k) is the sparse, per
 
 Trajectory attribution (a recorded PF-ODE sample) aggregates per-step shares with `euler_weights`;
 see that function for the weighting and its derivation.
+
+Attribution checks itself (`verify_attribution`): PSPC needs no training, so removing an output's top
+images and recomputing it from the same noise is the exact counterfactual, compared with removing as
+many random images.
 """
 from __future__ import annotations
 
@@ -87,19 +91,24 @@ def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None =
     shares, _ = evaluate(None)
     if top is None:
         return shares, None
-    keep = top_ids(shares, top)
+    keep = top_ids(shares, top, data)
     return shares, TopMaps(keep, evaluate(keep)[1])
 
 
-def top_ids(shares: torch.Tensor, m: int) -> torch.Tensor:
-    """Virtual ids [B, m] by share, largest first, ties by ascending id."""
+def top_ids(shares: torch.Tensor, m: int, data=None) -> torch.Tensor:
+    """Virtual ids [B, m] by share, largest first, ties by ascending id. With `data` (the TrainingSet the
+    shares are over), images it excludes are never among them (m is capped at data.n_included)."""
+    if data is not None and data.excluded is not None:
+        gone = data.excluded.repeat(2 if data.xflip else 1)
+        shares, m = shares.masked_fill(gone, -np.inf), min(m, data.n_included)
     return torch.sort(shares, dim=1, descending=True, stable=True).indices[:, :min(m, shares.shape[1])]
 
 
 def ranking(data, shares: torch.Tensor, m: int, labels=None) -> list[list[dict]]:
-    """Per query, the top-m images as {"index", "flip", "share", "label"}, largest share first."""
+    """Per query, the top-m images as {"index", "flip", "share", "label"}, largest share first (never an
+    image `data` excludes)."""
     out = []
-    for row, ids in zip(shares, top_ids(shares, m)):
+    for row, ids in zip(shares, top_ids(shares, m, data)):
         entries = []
         for i in ids.tolist():
             idx, flip = data.describe(i)
@@ -167,12 +176,93 @@ def attribute_trajectory(denoiser: PSPCSquare, ts, zs: torch.Tensor, top: int = 
     shares = sum(float(wi) * attribution_maps(denoiser, zs[i], float(ts[i]))[0] for i, wi in enumerate(w))
     tm = None
     if maps:
-        ids = top_ids(shares, top)
+        ids = top_ids(shares, top, denoiser.data)
         agg = torch.zeros(*ids.shape, *zs.shape[3:], dtype=torch.float64)
         for i, wi in enumerate(w):
             agg += float(wi) * attribution_maps(denoiser, zs[i], float(ts[i]), ids=ids)[1].maps
         tm = TopMaps(ids, agg)
     return ranking(denoiser.data, shares, top, labels), shares, tm
+
+
+def stored_shares(data, shares: torch.Tensor) -> torch.Tensor:
+    """Shares [B, N] float64 of the stored images: an image's plus its flip's (shares [B, Nv] over `data`)."""
+    n = data.n_stored
+    return shares[:, :n] + shares[:, n:] if data.xflip else shares.clone()
+
+
+def trajectory_settings(ts, zs: torch.Tensor, ds: torch.Tensor) -> tuple[int, str]:
+    """(steps, solver) that regenerate a recorded trajectory (ts [S], zs and ds [S, B, C, H, W]) with
+    `sampler.pf_ode_sample` from its z_T = zs[0]. A recording does not name its solver; its first step
+    does: Euler's is z_1 = z_0 + (t_1 - t_0)(z_0 - D_0)/t_0 exactly (to float32), Heun's is not.
+    UserError if ts is not the Karras grid of S steps (the only grid the sampler runs)."""
+    from .schedule import karras_grid
+
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    if len(ts) < 2 or not torch.allclose(ts, karras_grid(len(ts)), rtol=1e-6):
+        raise UserError(f"the trajectory's {len(ts)} noise levels are not the Karras grid the sampler runs; "
+                        "it cannot be regenerated")
+    z0, d0, z1 = (v.to(torch.float64) for v in (zs[0], ds[0], zs[1]))
+    euler = z0 + (ts[1] - ts[0]) * (z0 - d0) / ts[0]
+    return len(ts), "euler" if torch.allclose(euler, z1, rtol=1e-4, atol=1e-5 * float(ts[0])) else "heun"
+
+
+def verify_attribution(make, data, shares: torch.Tensor, m: int, z: torch.Tensor, t=None, steps: int | None = None,
+                       solver: str = "euler", original: torch.Tensor | None = None, draws: int = 5, seed: int = 0):
+    """Counterfactual check of an attribution: remove each query's top-m stored images (flips with
+    them), recompute its output from the same noise, and compare the change with removing m random images.
+
+    make: TrainingSet -> denoiser (the attributing one's settings over another view of the set).
+    data: the TrainingSet the attribution used (its exclusions stay excluded); shares [B, Nv] float64.
+    z [B, C, H, W] float32: with `t` (scalar or [B]) the denoiser's input (output D(z, t)); else z_T of a
+    PF-ODE sample, regenerated with `steps` and `solver` (`trajectory_settings`).
+    original [B, C, H, W]: the output explained (the recorded sample); None: recomputed over `data`.
+    The top m are the stored images with the largest share (an image's plus its flip's); the random
+    removals are `draws` sets of m images taking part, drawn once from `seed` and shared by the queries.
+    Returns (per-query dicts, counterfactual outputs [B, C, H, W] without each query's top m). A dict holds
+    "removed" (store indices), "random_removed" (draws x m), "norm" ||x|| (L2 over all pixels, [-1, 1]
+    units), "change_top" ||x' - x|| and "change_top_rel" (/ ||x||), "change_random" and
+    "change_random_rel" (one per draw), "change_random_mean", and "ratio" change_top / change_random_mean
+    (None if random removal changed nothing). UserError unless 1 <= m < the stored images taking part.
+    """
+    from .sampler import pf_ode_sample
+
+    def run(view, zz, tt):
+        """The output over `view`: one denoise at tt, or the PF-ODE sample from zz."""
+        den = make(view)
+        return (den(zz, tt) if t is not None else pf_ode_sample(den, zz.to(den.device), steps, solver)).cpu()
+
+    z = torch.as_tensor(z, dtype=torch.float32)
+    b = len(z)
+    tq = None if t is None else torch.as_tensor(t, dtype=torch.float64).expand(b)
+    pool = np.flatnonzero(~data.excluded.numpy()) if data.excluded is not None else np.arange(data.n_stored)
+    if not 1 <= m < len(pool) or draws < 1:
+        raise UserError(f"--verify {m}: need 1 <= M < {len(pool)} (the stored images taking part) and draws >= 1")
+    # 1. the output explained, and the top m stored images of each query
+    x = run(data, z, tq) if original is None else torch.as_tensor(original, dtype=torch.float32).cpu()
+    per = stored_shares(data, shares)
+    if data.excluded is not None:
+        per = per.masked_fill(data.excluded, -np.inf)
+    top = torch.sort(per, dim=1, descending=True, stable=True).indices[:, :m]
+    # 2. each query without its own top m, from the same noise
+    cf = torch.cat([run(data.without(top[q]), z[q:q + 1], None if tq is None else tq[q:q + 1]) for q in range(b)])
+    # 3. the same queries without m random images, `draws` times (one set for every query per draw)
+    rng = np.random.default_rng(seed)
+    rand = [np.sort(rng.choice(pool, m, replace=False)) for _ in range(draws)]
+    rand_x = [run(data.without(r), z, tq) for r in rand]
+    # 4. the changes, L2 over all pixels per sample, absolute and relative to ||x||
+    size = lambda v: v.to(torch.float64).flatten(1).norm(dim=1)  # noqa: E731
+    norm, top_change = size(x), size(cf - x)
+    rand_change = torch.stack([size(v - x) for v in rand_x], 1)  # [B, draws]
+    reports = []
+    for q in range(b):
+        rel = lambda v: float(v / norm[q]) if norm[q] > 0 else None  # noqa: E731
+        mean = float(rand_change[q].mean())
+        reports.append({"removed": top[q].tolist(), "random_removed": [r.tolist() for r in rand],
+                        "norm": float(norm[q]), "change_top": float(top_change[q]),
+                        "change_top_rel": rel(top_change[q]), "change_random": rand_change[q].tolist(),
+                        "change_random_rel": [rel(v) for v in rand_change[q]], "change_random_mean": mean,
+                        "ratio": float(top_change[q]) / mean if mean > 0 else None})
+    return reports, cf
 
 
 def _show(img: np.ndarray):
@@ -181,11 +271,13 @@ def _show(img: np.ndarray):
     return (img[0], "gray") if img.shape[0] == 1 else (img.transpose(1, 2, 0), None)
 
 
-def attribution_panel(path, query_image, top_images, top_maps, shares) -> None:
-    """PNG: per query a row with the query, then its top-m training images with their maps overlaid.
+def attribution_panel(path, query_image, top_images, top_maps, shares, columns=None) -> None:
+    """PNG: per query a row with the query, the `columns`, then its top-m training images with their maps
+    overlaid.
 
     query_image [B, C, H, W] (or [C, H, W]) in [-1, 1]; top_images [B, m, C, H, W] in [-1, 1];
-    top_maps [B, m, H, W]; shares [B, m] (titles). Written atomically.
+    top_maps [B, m, H, W]; shares [B, m] (titles); columns: optional [(title, images [B, C, H, W] in
+    [-1, 1])] shown after the query (e.g. the output without the top images). Written atomically.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -193,15 +285,18 @@ def attribution_panel(path, query_image, top_images, top_maps, shares) -> None:
 
     q = np.asarray(query_image)
     q = q[None] if q.ndim == 3 else q
+    extra = [("query", q)] + [(title, np.asarray(v)) for title, v in (columns or [])]
     imgs, maps, sh = np.asarray(top_images), np.asarray(top_maps), np.asarray(shares)
     b, m = maps.shape[:2]
-    fig, axes = plt.subplots(b, m + 1, figsize=(1.6 * (m + 1), 1.8 * b), squeeze=False)
+    k = len(extra)
+    fig, axes = plt.subplots(b, m + k, figsize=(1.6 * (m + k), 1.8 * b), squeeze=False)
     for r in range(b):
-        im, cmap = _show(q[r])
-        axes[r, 0].imshow(im, cmap=cmap, vmin=0, vmax=1)
-        axes[r, 0].set_title("query", fontsize=8)
+        for j, (title, v) in enumerate(extra):
+            im, cmap = _show(v[r])
+            axes[r, j].imshow(im, cmap=cmap, vmin=0, vmax=1)
+            axes[r, j].set_title(title, fontsize=8)
         for j in range(m):
-            ax = axes[r, j + 1]
+            ax = axes[r, j + k]
             im, cmap = _show(imgs[r, j])
             ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
             mp = maps[r, j]

@@ -94,27 +94,43 @@ def retrieval_opts(f):
     return wrapper
 
 
+def exclusion_opts(f):
+    """--exclude FILE, --exclude-label L (repeatable, or a comma list), --label L, passed to the command as
+    one `exclusion` dict (the arguments of `counterfactual.exclusion`)."""
+    @functools.wraps(f)
+    def wrapper(*args, exclude, exclude_labels, label, **kwargs):
+        labels = [v.strip() for given in exclude_labels for v in given.split(",") if v.strip()]
+        return f(*args, exclusion={"exclude": exclude, "exclude_labels": labels, "label": label}, **kwargs)
+    for opt in reversed([
+        click.option("--exclude", type=click.Path(), default=None,
+                     help="Leave out these stored images (and their flips): store indices, one a line, or an "
+                          ".npy of them. The same result as a store without them."),
+        click.option("--exclude-label", "exclude_labels", multiple=True,
+                     help="Leave out every image of this label (integer or class name; repeat or comma-separate)."),
+        click.option("--label", default=None,
+                     help="Class-conditional: only images of this label (integer or class name)."),
+    ]):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def denoiser_options(f):
     """Every option that chooses and configures a denoiser (denoise and sample share them)."""
     for opt in reversed([denoiser_opt, patch_opt, schedule_opt, xflip_opt, network_opt, heatmaps_opt, device_opt,
-                         retrieval_opts]):
+                         retrieval_opts, exclusion_opts]):
         f = opt(f)
     return f
 
 
-def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
-                   heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tail: str = "sample"):
-    """Make the named denoiser over `store` (an opened ImageStore or a store path; the API the CLI shells
-    over)."""
+def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_path=None, heatmaps_path=None,
+                     device="cpu", retrieval: dict | None = None, default_tail: str = "sample"):
+    """make(data) -> the named denoiser over `data` (any view of the opened ImageStore `store`'s training
+    set, e.g. one without some images); the index bundle, heatmaps or network are loaded once, here."""
     from . import denoisers as dn
     from .schedule import get_schedule
-    from .store import ImageStore
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine")
-    if not isinstance(store, ImageStore):
-        store = ImageStore.open(store)
-    data = store.training_set(xflip=xflip, device=device)
     sched = get_schedule(schedule, *store.shape[2:])
     if retrieval and retrieval.get("index_path"):
         from .index import faiss_has_gpu, open_bundle
@@ -123,24 +139,38 @@ def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, 
             raise UserError(f"--index works with --denoiser pspc-square, not {denoiser}")
         # with faiss-gpu the indices search on the GPU too; with faiss-cpu only the torch maths moves
         bundle = open_bundle(retrieval["index_path"], store, gpu=device == "cuda" and faiss_has_gpu())
-        return RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"] or default_tail,
-                             m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
-                             schedule=sched, tol=retrieval["tol"])
-    if denoiser == "empirical":
-        return dn.Empirical(data)
-    if denoiser == "gaussian":
-        return dn.Gaussian(data)
-    if denoiser == "cfdm":
-        return dn.CFDM(data)
-    if denoiser == "pspc-square":
-        return dn.PSPCSquare(data, patch_size=patch_size, schedule=sched)
+        return lambda data: RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"] or default_tail,
+                                          m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
+                                          schedule=sched, tol=retrieval["tol"])
     if denoiser == "pspc-flex":
         from .sensitivity import read_heatmaps
         maps, ts, _ = read_heatmaps(heatmaps_path or DEFAULT_HEATMAPS)
-        return dn.PSPCFlex(data, maps, ts, schedule=sched)
-    from .network import load_network
-    net = load_network(network_path or DEFAULT_NETWORK, device=device)
-    return dn.Network(net, store.shape[1:], data)
+        return lambda data: dn.PSPCFlex(data, maps, ts, schedule=sched)
+    if denoiser == "network":
+        from .network import load_network
+        net = load_network(network_path or DEFAULT_NETWORK, device=device)
+        return lambda data: dn.Network(net, store.shape[1:], data)
+    return {"empirical": dn.Empirical, "gaussian": dn.Gaussian, "cfdm": dn.CFDM,
+            "pspc-square": lambda data: dn.PSPCSquare(data, patch_size=patch_size, schedule=sched)}[denoiser]
+
+
+def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
+                   heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tail: str = "sample",
+                   exclusion=None):
+    """Make the named denoiser over `store` (an opened ImageStore or a store path; the API the CLI shells
+    over), without the images of `exclusion` (a counterfactual.Exclusion) if given."""
+    from .store import ImageStore
+
+    if not isinstance(store, ImageStore):
+        store = ImageStore.open(store)
+    excluding = exclusion is not None and len(exclusion.ids) > 0
+    if excluding and denoiser == "network":
+        raise UserError("--exclude/--exclude-label/--label do not apply to --denoiser network "
+                        "(its training set is in its weights)")
+    data = store.training_set(xflip=xflip, device=device)
+    make = denoiser_factory(store, denoiser, patch_size, schedule, network_path, heatmaps_path, device, retrieval,
+                            default_tail)
+    return make(exclusion.apply(data) if excluding else data)
 
 
 @click.group()
@@ -204,22 +234,25 @@ def info(store_path, as_json):
 @denoiser_options
 @user_errors
 def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size, schedule, xflip, network_path,
-            heatmaps_path, device, retrieval):
+            heatmaps_path, device, retrieval, exclusion):
     """Denoise z at noise level t and write D(z, t) as .npy."""
+    from .counterfactual import exclusion as select, included_ids
     from .store import ImageStore
 
     claim(out, FILE, overwrite)
     if not np.isfinite(t) or t <= 0:
         raise UserError(f"--t must be finite and > 0, got {t}")
     store = ImageStore.open(store_path)
+    excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval)
+                         retrieval, exclusion=excluded)
     if z_path is not None:
         z = load_z(z_path, den.shape)
     else:
-        data = store.training_set(xflip)
+        # forward-process queries from the images taking part, as a store without the excluded ones draws them
+        data = excluded.apply(store.training_set(xflip))
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, len(data), (n,), generator=g)
+        idx = included_ids(data)[torch.randint(0, data.n_included, (n,), generator=g)]
         z = data.get(idx) + t * torch.randn(n, *data.shape, generator=g)
     x = den(z, t).cpu().numpy().astype(np.float32)
     save_npy(out, x)
@@ -290,8 +323,9 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
 @denoiser_options
 @user_errors
 def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, record, overwrite, denoiser, patch_size,
-           schedule, xflip, network_path, heatmaps_path, device, retrieval):
+           schedule, xflip, network_path, heatmaps_path, device, retrieval, exclusion):
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
+    from .counterfactual import exclusion as select
     from .distributed import SAMPLES, init_distributed, launched_distributed, resolve_batch, run_meta, sample_to_zarr
     from .sampler import sample as run, save_samples
     from .store import ImageStore
@@ -317,8 +351,9 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         claim(out, FILE, overwrite)
     rank, world = init_distributed(device) if zarr_out else (0, 1)
     store = ImageStore.open(store_path)  # opened once: loading hashes the pixels, which the run records
+    excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval)
+                         retrieval, exclusion=excluded)
     if split == "locations":
         den.locations = (rank, world)
     batch = resolve_batch(batch, memory_gb, den, n, steps, record, device, out if zarr_out else None)
@@ -331,7 +366,8 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         return
     meta = run_meta(store.sha256, denoiser, xflip, patch_size, schedule, retrieval,
                     network=str(network_path or DEFAULT_NETWORK) if denoiser == "network" else None,
-                    heatmaps=str(heatmaps_path or DEFAULT_HEATMAPS) if denoiser == "pspc-flex" else None)
+                    heatmaps=str(heatmaps_path or DEFAULT_HEATMAPS) if denoiser == "pspc-flex" else None,
+                    exclusion=excluded.record())
     x = sample_to_zarr(den, out, n, seed, steps=steps, solver=solver, batch=batch, record=record,
                        progress=True, rank=rank, world=world, meta=meta, split=split)
     if world > 1:
@@ -386,17 +422,25 @@ def demo(out_dir, n, seed, n_data):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--panel", "panel", type=click.Path(), default=None, help="Also write a PNG panel of the top images.")
+@click.option("--verify", "verify", type=int, default=None,
+              help="Remove each query's top M stored images (flips too), recompute it from the same noise (a "
+                   "trajectory: regenerate its sample from z_T) and report the change next to removing M random "
+                   "images.")
+@click.option("--verify-draws", type=int, default=5, show_default=True,
+              help="Random removals for --verify (seeded by --seed).")
 @patch_opt
 @schedule_opt
 @xflip_opt
 @overwrite_opt
 @retrieval_opts
+@exclusion_opts
 @user_errors
-def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, overwrite, patch_size,
-              schedule, xflip, retrieval):
+def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, panel, verify, verify_draws, overwrite,
+              patch_size, schedule, xflip, retrieval, exclusion):
     """PSPC-Square attribution: each training image's share of D(z, t) (or of a recorded sample), exact or,
     with --index, over the retrieved candidates."""
     from . import attribution as at
+    from .counterfactual import exclusion as select
     from .store import ImageStore
 
     given = [o for o, v in (("--image", image_path), ("--z", z_path), ("--trajectory", traj_path)) if v is not None]
@@ -408,42 +452,63 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         raise UserError("--t does not apply to --trajectory (its noise levels are recorded)")
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
+    if verify is not None and (verify < 1 or verify_draws < 1):
+        raise UserError(f"--verify and --verify-draws must be >= 1, got {verify} and {verify_draws}")
     if panel is not None:
         claim(panel, FILE, overwrite)
     store = ImageStore.open(store_path)
-    den = build_denoiser(store, "pspc-square", xflip, patch_size, schedule, retrieval=retrieval,
-                         default_tail="none")
+    data = select(store, **exclusion).apply(store.training_set(xflip))
+    make = denoiser_factory(store, "pspc-square", patch_size, schedule, retrieval=retrieval, default_tail="none")
+    den = make(data)
     labels, classes = store.labels, store.meta.get("classes")
     want_maps = panel is not None
+    columns, checks = [], None
     if traj_path is not None:
         ts, zs, ds = at.load_trajectory(traj_path, den.shape)
         res, shares, tm = at.attribute_trajectory(den, ts, zs, top, labels, maps=want_maps)
         query, t_out = ds[-1], ts.tolist()
         sizes = den.sizes(ts).tolist()
+        if verify is not None:  # regenerate the recorded sample from its z_T without the top M
+            steps, solver = at.trajectory_settings(ts, zs, ds)
+            checks, cf = at.verify_attribution(make, data, shares, verify, zs[0], steps=steps, solver=solver,
+                                               original=ds[-1], draws=verify_draws, seed=seed)
+            columns = [(f"without top {verify}", cf)]
     else:
-        if image_path is not None:
-            x = at.load_images(image_path, den.shape)
-            res, shares, tm = at.attribute_image(den, x, t, seed, top, labels, maps=want_maps)
-            query = x
-        else:
-            query = load_z(z_path, den.shape)
-            res, shares, tm = at.attribute(den, query, t, top, labels, maps=want_maps)
+        query = at.load_images(image_path, den.shape) if image_path is not None else load_z(z_path, den.shape)
+        z = at.forward_query(query, t, seed) if image_path is not None else query
+        res, shares, tm = at.attribute(den, z, t, top, labels, maps=want_maps)
         t_out = t
         sizes = den.sizes(torch.tensor([t], dtype=torch.float64)).tolist()
+        if verify is not None:  # denoise the same z without the top M
+            x = den(z, t).cpu()
+            checks, cf = at.verify_attribution(make, data, shares, verify, z, t=t, original=x, draws=verify_draws,
+                                               seed=seed)
+            columns = [("D(z, t)", x), (f"without top {verify}", cf)]
     for entry in (e for entries in res for e in entries) if classes else ():
         entry["class"] = classes[entry["label"]]  # label i names class i (store metadata "classes")
     rep = {"queries": res, "t": t_out, "patch_size": sizes[0] if len(set(sizes)) == 1 else sizes}
+    if checks is not None:
+        rep["verify"] = checks
     if panel is not None:
-        at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps,
-                             shares.gather(1, tm.ids))
+        at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps, shares.gather(1, tm.ids), columns)
     if as_json:
         click.echo(json.dumps(rep))
-    else:
-        for q, entries in enumerate(res):
-            click.echo(f"query {q}: " + ", ".join(
-                f"{e['index']}{'(flip)' if e['flip'] else ''}={e['share']:.4f}{label_text(e)}" for e in entries))
-        if panel is not None:
-            click.echo(f"wrote {panel}")
+        return
+    for q, entries in enumerate(res):
+        click.echo(f"query {q}: " + ", ".join(
+            f"{e['index']}{'(flip)' if e['flip'] else ''}={e['share']:.4f}{label_text(e)}" for e in entries))
+        if checks is not None:
+            click.echo("  " + verify_text(checks[q], verify))
+    if panel is not None:
+        click.echo(f"wrote {panel}")
+
+
+def verify_text(v: dict, m: int) -> str:
+    """One line of `attribute --verify` text output for a query's `verify_attribution` dict."""
+    rel = f" ({v['change_top_rel']:.1%} of the output)" if v["change_top_rel"] is not None else ""
+    ratio = f"ratio {v['ratio']:.3g}" if v["ratio"] is not None else "random removal changed nothing"
+    return (f"without its top {m}: change {v['change_top']:.4g}{rel}; without {m} random: mean "
+            f"{v['change_random_mean']:.4g} over {len(v['change_random'])} draws; {ratio}")
 
 
 def label_text(entry: dict) -> str:

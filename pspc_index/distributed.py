@@ -151,7 +151,8 @@ def run_meta(store_sha256: str, denoiser: str, xflip: bool, patch_size, schedule
              **extra) -> dict:
     """What a resumable sample run records of its denoiser, so a resume with other settings is refused.
     store_sha256: the store's content hash as read now (ImageStore.sha256), so a resume on pixels edited
-    in place is refused too."""
+    in place is refused too. extra: further settings, None ones left out (e.g. exclusion=
+    `counterfactual.Exclusion.record()`: a run without exclusion records none, as runs made before it)."""
     meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
             "store_sha256": store_sha256, "retrieval": {k: (str(v) if k == "index_path" and v is not None else v)
                                                for k, v in (retrieval or {}).items()}}
