@@ -144,6 +144,12 @@ class PSPCSquare(Denoiser):
     def sizes(self, t: torch.Tensor) -> torch.Tensor:
         return torch.full_like(t, self.fixed, dtype=torch.long) if self.fixed else self.schedule.patch_size(t)
 
+    def crop_shapes(self) -> list[tuple[int, int]]:
+        """The (sh, sw) crop shapes this denoiser's calls use (full size: the whole image)."""
+        h, w = self.data.shape[1:]
+        sizes = [self.fixed] if self.fixed else sorted(set(self.schedule.patch_sizes))
+        return [(h, w) if s >= max(h, w) else (s, s) for s in sizes]
+
     def denoise(self, z, t):
         out = torch.empty_like(z)
         h, w = self.data.shape[1:]

@@ -78,18 +78,22 @@ BASELINE_BYTES = 400 * 2 ** 20  # python + torch + faiss loaded, measured RSS be
 def estimate_memory(denoiser, batch: int, steps: int, record: bool) -> int:
     """Estimated peak bytes of sampling `batch` images at once (checked against peak RSS in
     tools/bench_sampling.py). Fixed: the runtime, the training images and the index bundle (all its
-    indices end up loaded). Streaming temporaries: exact composites stream the data in chunks of
-    CHUNK_ELEMENTS whatever the batch (~6 such float32 tensors); retrieval works per block on query chunks
+    indices end up loaded). Exact calls: `posterior.exact_memory` (cached unfolded patches up to the
+    cache budget, per-call queries and accumulators, one tile); retrieval works per block on query chunks
     of at most 4 CHUNK_ELEMENTS elements (~3 such tensors), fewer when the batch is small. Per sample:
     ~8 image buffers (z, D, solver state, float64 accumulators), the recorded trajectory (2 images per
     step), and with retrieval k int64 candidate ids.
     """
-    from .posterior import CHUNK_ELEMENTS
+    from .posterior import CHUNK_ELEMENTS, exact_memory
 
     c, h, w = denoiser.shape
     image = 4 * c * h * w
     data = getattr(denoiser, "data", None)
-    total = BASELINE_BYTES + (data.images.numel() if data is not None else 0) + 6 * 4 * CHUNK_ELEMENTS
+    total = BASELINE_BYTES
+    if data is not None:
+        shapes = denoiser.crop_shapes() if hasattr(denoiser, "crop_shapes") else [(h, w)]
+        draws = len(getattr(denoiser, "eps", [None]))  # CFDM denoises M perturbed copies of each query
+        total += data.images.numel() + exact_memory(data, shapes, batch * draws)
     total += batch * image * (8 + (2 * steps if record else 0))
     bundle = getattr(denoiser, "bundle", None)
     if bundle is not None:
@@ -131,9 +135,16 @@ def available_memory(device: str) -> int:
 def resolve_batch(batch: str, memory_gb: float | None, denoiser, n: int, steps: int, record: bool, device: str,
                   zarr_out=None) -> int:
     """`--batch` as an int. 'auto': the batch a resumed .zarr run recorded, else the largest that fits
-    `memory_gb` GiB (default: half of `available_memory`). Raises UserError for a budget <= 0."""
+    `memory_gb` GiB (default: half of `available_memory`), of which the exact engine's patch cache takes at
+    most half. Raises UserError for a budget <= 0."""
     import zarr
 
+    from .posterior import DEFAULT_CACHE_BUDGET, set_patch_cache_budget
+
+    if memory_gb is not None and memory_gb <= 0:
+        raise UserError(f"--memory-gb must be > 0, got {memory_gb}")
+    if memory_gb is not None:  # cached patches take at most half the budget
+        set_patch_cache_budget(min(DEFAULT_CACHE_BUDGET, int(memory_gb * 2 ** 30 / 2)))
     if batch != "auto":
         return int(batch)
     if zarr_out is not None and Path(zarr_out).exists():
@@ -141,8 +152,6 @@ def resolve_batch(batch: str, memory_gb: float | None, denoiser, n: int, steps: 
             return int(zarr.open_group(str(zarr_out), mode="r").attrs["batch"])
         except Exception:
             pass  # not a sample run: sample_to_zarr reports it
-    if memory_gb is not None and memory_gb <= 0:
-        raise UserError(f"--memory-gb must be > 0, got {memory_gb}")
     budget = memory_gb * 2 ** 30 if memory_gb is not None else available_memory(device) / 2
     return fit_batch(denoiser, n, steps, record, budget)
 

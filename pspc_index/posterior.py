@@ -49,7 +49,8 @@ CHUNK_ELEMENTS = 2 ** 24
 # largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
 LOGIT_TOL = 1e-6
 # bytes of unfolded uint8 patches kept between calls (`set_patch_cache_budget`)
-_CACHE_BUDGET = 2 * 2 ** 30
+DEFAULT_CACHE_BUDGET = 2 * 2 ** 30
+_CACHE_BUDGET = DEFAULT_CACHE_BUDGET
 
 
 class OnlineSoftmax:
@@ -96,8 +97,8 @@ class OnlineSoftmax:
 
 
 def set_patch_cache_budget(nbytes: int) -> None:
-    """Bytes of unfolded uint8 training patches kept between calls (sampling calls each size many
-    times); 0 disables the cache. Default 2 GiB."""
+    """Bytes of unfolded uint8 training patches kept between calls (a sampling run calls each size once
+    per step, s = 3 six times on the paper's schedule); 0 disables the cache. Default 2 GiB."""
     global _CACHE_BUDGET
     _CACHE_BUDGET = int(nbytes)
     _PATCHES.clear()
@@ -109,8 +110,10 @@ def set_patch_cache_budget(nbytes: int) -> None:
 
 @dataclass
 class KeyChunk:
-    """n keys of each of G groups. u: pixel values 0..255 as float [G, n, d] (exact); sq: ||x||^2 of
-    x = u / 127.5 - 1, float64 [G, n]; log_w: optional log weights [G or 1, n] (-inf excludes a key)."""
+    """n keys of each of G groups. u: pixel values 0..255, uint8 or float [G, n, d] (exact); sq: ||x||^2
+    of x = u / 127.5 - 1, float64 [G, n]; log_w: optional log weights (-inf excludes a key), float64,
+    per key [G or 1, n] (a homogeneous column of the logit GEMM) or per query and key [G or 1, b, n]
+    (added to the logits after the GEMM: e.g. a key excluded for some queries of a group only)."""
 
     u: torch.Tensor
     sq: torch.Tensor
@@ -119,11 +122,11 @@ class KeyChunk:
 
 def logit_dtype(z: torch.Tensor, t: torch.Tensor, d: int, log_w_max: float = 0.0) -> torch.dtype:
     """float32 where the float32 logit error bound (module docstring) is <= LOGIT_TOL for every query
-    of z [G, b, d] at noise levels t [b], else float64."""
+    of z [G, b, d] at noise levels t [b] or [G, b], else float64."""
     k = d + 2
     u32 = 2.0 ** -24
     gamma = k * u32 / (1 - k * u32) + 2 * u32
-    zn = z.to(torch.float64).norm(dim=-1).amax(0).cpu()  # [b]
+    zn = z.to(torch.float64).norm(dim=-1).cpu()  # [G, b]
     scale = zn * 255 * math.sqrt(d) / 127.5 + d / 2  # ||z|| ||u|| / 127.5 + ||x||^2 / 2, keys at their largest
     delta = gamma * (scale / t.cpu() ** 2 + log_w_max)
     return torch.float32 if float(delta.max()) <= LOGIT_TOL else torch.float64
@@ -131,71 +134,97 @@ def logit_dtype(z: torch.Tensor, t: torch.Tensor, d: int, log_w_max: float = 0.0
 
 def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Iterator[tuple[int, KeyChunk]]],
                     dtype: torch.dtype | None = None, lse: torch.Tensor | None = None,
-                    on_weights: Callable[[int, torch.Tensor], None] | None = None):
+                    on_weights: Callable[[int, torch.Tensor], None] | None = None, stats: bool = False):
     """Posterior means of query patches over streamed key patches: softmax attention with per-key bias.
 
-    z: queries [G, b, d] in [-1, 1] units (any float dtype); t: noise levels [b] (EDM sigma, float64);
-    chunks(): iterator of (start, KeyChunk) over the key set, every chunk with the same G and d.
+    z: queries [G, b, d] in [-1, 1] units (any float dtype); t: noise levels (EDM sigma, float64) [b],
+    or [G, b] where a group's queries differ (e.g. one query per group); chunks(): iterator of
+    (start, KeyChunk) over the key set, every chunk with the same G and d.
     dtype: None (default): logits in `logit_dtype` (certified, see the module docstring), weights and
     means in float32; torch.float64: everything in float64 (oracle precision); torch.float32: everything
-    in float32 (fastest, logit error not certified at small t).
+    in float32 (fastest, logit error not certified at small t). Per-query log weights ([G, b, n]) are
+    added in the logit dtype: their rounding is the (gamma_K + 2u) |log w| term of the bound.
 
     Returns (mean [G, b, d] float64 in [-1, 1] pixel units, lse [G, b] float64): lse is the log
     normaliser log sum_i w_i exp(l_i) with l_i = (z . x_i - ||x_i||^2 / 2) / t^2 (the row constant
-    -||z||^2 / 2t^2 left out), so two key sets' results merge by their lse.
+    -||z||^2 / 2t^2 left out), so two key sets' results merge by their lse (`merge`). A row whose keys
+    are all excluded has lse -inf (and mean NaN; `merge` gives it no weight).
+    stats: also return (lmin, lse2), float64 [G, b]: the smallest finite logit log w_i + l_i of each row
+    (+inf if none; e.g. the top-k certificate's e^{l_k}) and log sum_i (w_i exp(l_i))^2 (-inf if none;
+    the second moment of importance-weighted terms, for a sampled key set's standard error).
     With `lse` given (a second pass, after the first and any merging): instead calls
     on_weights(start, w [G, b, n]) with each chunk's normalised weights w = exp(l - lse) and returns None.
     """
     g, b, d = z.shape
     dev = z.device
-    inv_t2 = (1 / t.to(torch.float64) ** 2).to(dev)
+    inv_t2 = (1 / t.to(torch.float64) ** 2).to(dev).expand(g, b)
     ldt = dtype or logit_dtype(z, t, d)
     wdt = dtype or torch.float32
     # keys in homogeneous coordinates [u, 1, -||x||^2/2, log w] against queries [z/127.5t^2, 0, 1/t^2, 1]:
-    # one GEMM gives every logit (1/127.5 turns u into x + 1; the resulting sum(z)/t^2 is a row constant),
-    # and the values [u, 1] make the second GEMM return the normaliser beside the weighted sum
-    q = torch.cat([z.to(torch.float64) * (inv_t2 / 127.5)[None, :, None], torch.zeros(g, b, 1, dtype=torch.float64,
-                   device=dev), inv_t2.expand(g, b)[..., None], torch.ones(g, b, 1, dtype=torch.float64, device=dev)],
-                  2).to(ldt)
+    # one GEMM gives every logit (1/127.5 turns u into x + 1; the resulting row constant c = sum(z)/t^2
+    # is taken off lse in float64), and the values [u, 1] make the second GEMM return the normaliser too
+    z64 = z.to(torch.float64)
+    c = z64.sum(2) * inv_t2
+    q = torch.cat([z64 * (inv_t2 / 127.5)[..., None], torch.zeros(g, b, 1, dtype=torch.float64, device=dev),
+                   inv_t2[..., None], torch.ones(g, b, 1, dtype=torch.float64, device=dev)], 2).to(ldt)
     m = torch.full((g, b), -math.inf, dtype=ldt, device=dev)
     acc = torch.zeros(g, b, d + 1, dtype=torch.float64, device=dev)
+    # (lmin, sum of squared terms relative to e^{2m}) per row, kept only when asked
+    st = torch.stack([torch.full((g, b), math.inf), torch.zeros(g, b)], 2).to(dev, torch.float64) if stats else None
+    lse_c = None if lse is None else lse + c
     for start, ch in chunks():
         n = ch.u.shape[1]
-        # locations per tile, so that a tile's logits stay in cache (pass 2 reports whole chunks)
-        gt = g if lse is not None else max(1, TILE_ELEMENTS // (b * n))
+        # locations per tile, so that a tile's logits and keys stay in cache (pass 2 reports whole chunks)
+        gt = g if lse is not None else max(1, TILE_ELEMENTS // (max(b, d + 3) * n))
         for g0 in range(0, g, gt):
             sl = slice(g0, min(g0 + gt, g))
             lw = None if ch.log_w is None else ch.log_w[sl] if len(ch.log_w) == g else ch.log_w
-            w = _tile(q[sl], ch.u[sl], ch.sq[sl], lw, m[sl], acc[sl], wdt, None if lse is None else lse[sl])
+            w = _tile(q[sl], ch.u[sl], ch.sq[sl], lw, m[sl], acc[sl], wdt,
+                      None if lse is None else lse_c[sl], None if st is None else st[sl])
             if lse is not None:
                 on_weights(start, w)
     if lse is not None:
         return None
     zsum = acc[..., d]
-    return acc[..., :d] / zsum[..., None] / 127.5 - 1, m.to(torch.float64) + torch.log(zsum)
+    out = acc[..., :d] / zsum[..., None] / 127.5 - 1, m.to(torch.float64) + torch.log(zsum) - c
+    if stats:
+        return (*out, st[..., 0] - c, 2 * (m.to(torch.float64) - c) + torch.log(st[..., 1]))
+    return out
 
 
-def _tile(q, u, sq, log_w, m, acc, wdt, lse=None):
-    """One tile of `patch_posterior`: queries q [g, b, d+3] against keys u [g, n, d]; updates the running
-    max m [g, b] and accumulator acc [g, b, d+1] in place. With lse [g, b] (pass 2) it returns the
-    normalised weights [g, b, n] instead."""
+def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
+    """One tile of `patch_posterior`: queries q [g, b, d+3] against keys u [g, n, d] (log_w [g or 1, n] or
+    [g or 1, b, n]); updates the running max m [g, b], accumulator acc [g, b, d+1] and, if given, the row
+    statistics st [g, b, 2] (min finite logit, sum of squared terms relative to e^{2m}) in place. With
+    lse [g, b] (pass 2, row constant included) it returns the normalised weights [g, b, n] instead."""
     g, n, d = u.shape
-    # 1. the keys in homogeneous coordinates, and one batched GEMM for every logit [g, b, n]
-    k = torch.empty(g, n, d + 3, dtype=q.dtype, device=q.device)
-    k[..., :d] = u
-    k[..., d] = 1
-    k[..., d + 1] = sq * -0.5
-    k[..., d + 2] = 0 if log_w is None else log_w
-    logits = torch.bmm(q, k.transpose(1, 2))
+    # 1. the keys in homogeneous coordinates, and one batched GEMM for every logit [g, b, n]; per-query
+    # log weights are added after it
+    row_w = log_w is not None and log_w.ndim == 3
+    # (feature-major [g, d+3, n]: the cached patches are stored so, which makes this a copy of rows)
+    k = torch.empty(g, d + 3, n, dtype=q.dtype, device=q.device)
+    k[:, :d] = u.transpose(1, 2)
+    k[:, d] = 1
+    k[:, d + 1] = sq * -0.5
+    k[:, d + 2] = 0 if log_w is None or row_w else log_w
+    logits = torch.bmm(q, k)
+    if row_w:
+        logits += log_w.to(logits.dtype)
     if lse is not None:
         return torch.exp(logits.to(torch.float64) - lse[..., None])
+    if st is not None:
+        lmin = logits.masked_fill(logits == -math.inf, math.inf).amin(2)
+        torch.minimum(st[..., 0], lmin.to(torch.float64), out=st[..., 0])
     # 2. online softmax: new running max, this chunk's terms relative to it
     m_new = torch.maximum(m, logits.amax(2))
     shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # rows with every key excluded
     w = logits.sub_(shift[..., None]).to(wdt).exp_()
     # 3. second batched GEMM: [sum_i w_i u_i, sum_i w_i], folded into the rescaled accumulator
-    v = k[..., :d + 1] if wdt == q.dtype else k[..., :d + 1].to(wdt)
-    acc.mul_(torch.exp((m - shift).to(torch.float64))[..., None]).add_(torch.bmm(w, v))
+    v = (k[:, :d + 1] if wdt == q.dtype else k[:, :d + 1].to(wdt)).transpose(1, 2)
+    rescale = torch.exp((m - shift).to(torch.float64))
+    acc.mul_(rescale[..., None]).add_(torch.bmm(w, v))
+    if st is not None:
+        st[..., 1].mul_(rescale ** 2).add_((w * w).sum(2).to(torch.float64))
     m.copy_(m_new)
 
 
@@ -206,10 +235,11 @@ def posterior_weights_pass(z, t, chunks, lse, on_weights, dtype=None) -> None:
 
 
 def merge(mean_a, lse_a, mean_b, lse_b):
-    """Two key sets' posterior states -> the state over their union (means weighted by normalisers)."""
+    """Two key sets' posterior states -> the state over their union (means weighted by normalisers).
+    An empty state (lse -inf, mean NaN) contributes nothing."""
     lse = torch.logaddexp(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
-    return wa * mean_a + wb * mean_b, lse
+    return torch.where(wa > 0, wa * mean_a, 0) + torch.where(wb > 0, wb * mean_b, 0), lse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,16 +250,21 @@ _PATCHES: dict = {}
 
 
 def unfold_u8(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> every (sh x sw) patch, location-major [P, N, C*sh*sw] with
-    P = (H-sh+1)(W-sw+1) row-major by corner (strided views, then one copy)."""
+    """Images [N, C, H, W] (any dtype) -> every (sh x sw) patch, location-major [P, N, C*sh*sw] with
+    P = (H-sh+1)(W-sw+1) row-major by corner. Stored feature-major ([P, d, N], returned as its transposed
+    view): from the images transposed to [C, H, W, N], every patch feature is a contiguous run of N
+    values, so the copy moves whole rows (measured 20-60x faster than copying [N, C, sh, sw] blocks)."""
     n, c, h, w = images.shape
-    v = images.unfold(2, sh, 1).unfold(3, sw, 1)  # [N, C, gh, gw, sh, sw], a view
-    return v.permute(2, 3, 0, 1, 4, 5).reshape((h - sh + 1) * (w - sw + 1), n, c * sh * sw)
+    gh, gw = h - sh + 1, w - sw + 1
+    t = images.permute(1, 2, 3, 0).contiguous()  # [C, H, W, N]
+    v = t.as_strided((gh, gw, c, sh, sw, n), (w * n, n, h * w * n, w * n, n, 1))
+    return v.reshape(gh * gw, c * sh * sw, n).transpose(1, 2)
 
 
 def square_patches(data: TrainingSet, sh: int, sw: int, rows: tuple[int, int] | None = None):
-    """(patches uint8 [P, N, d], sq float64 [P, N]) of the stored images (no flips) for crop locations in
-    location rows r0:r1 (all by default); kept in a cache while within the budget."""
+    """(patches uint8 [P, N, d], sq int32 [P, N]) of the stored images (no flips) for crop locations in
+    location rows r0:r1 (all by default); sq = sum (2u - 255)^2 = 255^2 ||x||^2, exact in integers.
+    Kept in a cache (most recently built first out) while within the budget."""
     gh = data.shape[1] - sh + 1
     r0, r1 = rows or (0, gh)
     key = (id(data.images), data.images.data_ptr(), tuple(data.images.shape), sh, sw, r0, r1)
@@ -237,24 +272,52 @@ def square_patches(data: TrainingSet, sh: int, sw: int, rows: tuple[int, int] | 
         return _PATCHES[key]
     imgs = data.images[:, :, r0:r1 - 1 + sh]
     u8 = unfold_u8(imgs, sh, sw)
-    sq = torch.empty(u8.shape[:2], dtype=torch.float64, device=u8.device)
-    for i in range(0, u8.shape[1], 4096):  # ||u/127.5 - 1||^2 exactly: (2u - 255)^2 are integers
-        v = u8[:, i:i + 4096].to(torch.int32) * 2 - 255
-        sq[:, i:i + 4096] = (v * v).sum(2).to(torch.float64) / 255.0 ** 2
-    nbytes = u8.numel() + sq.numel() * 8
+    sq = crop_sq_norms(imgs, sh, sw)
+    nbytes = patch_bytes(u8.shape)
     if nbytes <= _CACHE_BUDGET:
-        while _PATCHES and sum(p.numel() + s.numel() * 8 for p, s in _PATCHES.values()) + nbytes > _CACHE_BUDGET:
-            _PATCHES.pop(next(iter(_PATCHES)))  # least recently built first
+        while _PATCHES and sum(patch_bytes(p.shape) for p, _ in _PATCHES.values()) + nbytes > _CACHE_BUDGET:
+            _PATCHES.pop(next(iter(_PATCHES)))
         _PATCHES[key] = (u8, sq)
     return u8, sq
 
 
+def crop_sq_norms(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """255^2 ||x_C||^2 of every (sh x sw) crop of uint8 images [N, C, H, W] -> int32 [P, N], exactly:
+    per-pixel integer squares (2u - 255)^2 summed over channels, box-summed by integer prefix sums (O(1)
+    per crop whatever its size) in the [H, W, N] layout, where each step adds contiguous N-vectors."""
+    v = images.permute(1, 2, 3, 0).to(torch.int32) * 2 - 255  # [C, H, W, N]
+    cum = F.pad((v * v).sum(0).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0))  # [H+1, W+1, N]
+    box = cum[sh:, sw:] - cum[:-sh, sw:] - cum[sh:, :-sw] + cum[:-sh, :-sw]
+    return box.reshape(-1, images.shape[0]).to(torch.int32)
+
+
+def patch_bytes(shape) -> int:
+    """Bytes of one size's cached patches [P, N, d] (uint8) and their int32 norms."""
+    p, n, d = shape
+    return p * n * (d + 4)
+
+
+def exact_memory(data: TrainingSet, sizes, batch: int) -> int:
+    """Peak bytes of one exact call beyond the data: the largest size's unfolded patches (cached ones
+    too, up to the cache budget), its queries and accumulators (float64 [P, 2B, d+3] each) and one
+    tile's temporaries. sizes: (sh, sw) pairs."""
+    c, h, w = data.shape
+    per = []
+    for sh, sw in sizes:
+        p, d = (h - sh + 1) * (w - sw + 1), c * sh * sw
+        per.append((patch_bytes((p, data.n_stored, d)), 2 * 8 * p * 2 * batch * (d + 3)))
+    cache = min(_CACHE_BUDGET, sum(b for b, _ in per))
+    tile = TILE_ELEMENTS * (8 + 4 + 8) + KEYS_PER_TILE * max(c * sh * sw for sh, sw in sizes) * 64
+    return int(max(cache, max(b for b, _ in per)) + max(a for _, a in per) + tile)
+
+
 def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.Tensor | None = None):
-    """chunks() over location-major patches u8 [G, N, d] (sq [G, N]), n keys a chunk; log_w [N] or None."""
+    """chunks() over location-major patches u8 [G, N, d] (sq int32 [G, N] = 255^2 ||x||^2), n keys a
+    chunk; log_w [N] or None."""
     def chunks():
         for i in range(0, u8.shape[1], n):
             lw = None if log_w is None else log_w[None, i:i + n]
-            yield i, KeyChunk(u8[:, i:i + n], sq[:, i:i + n], lw)
+            yield i, KeyChunk(u8[:, i:i + n], sq[:, i:i + n].to(torch.float64) / 255.0 ** 2, lw)
     return chunks
 
 

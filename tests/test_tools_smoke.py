@@ -14,8 +14,10 @@ def run_tool(*args, timeout=240):
 
 
 def test_bench_exact_quick():
-    out = json.loads(run_tool("tools/bench_exact.py", "--quick", "--sizes", "3,12"))
-    assert all(r["max_abs_diff"] < 1e-5 for r in out["rows"])
+    out = json.loads(run_tool("tools/bench_exact.py", "--quick", "--sizes", "3,12", "--sections", "loop,samples"))
+    loop = [r for r in out["rows"] if r["section"] == "loop"]
+    assert len(loop) == 2 and all(r["max_abs_diff"] < 1e-5 and r["floor_s"] > 0 for r in loop)
+    assert [r["finite"] for r in out["rows"] if r["section"] == "samples"] == [True]
 
 
 def test_attribution_check_tiny():
