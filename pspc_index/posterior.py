@@ -427,6 +427,50 @@ def _t_column(t, batch: int) -> torch.Tensor:
     return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
 
 
+def _gathered(z: torch.Tensor, data: TrainingSet, pix: torch.Tensor, step: int):
+    """Queries and key chunks of G equal-size crops given as pixel indices pix [G, m] (row-major over
+    H x W, all channels): (q [G, B, C*m] float64, chunks() over the virtual set, flips and exclusions
+    included)."""
+    b, c = z.shape[:2]
+    g, size = pix.shape
+    n_all, log_w = len(data), data.log_weights(virtual=True)
+    q = z.flatten(2)[:, :, pix].permute(2, 0, 1, 3).reshape(g, b, c * size).to(torch.float64)
+
+    def chunks():
+        for i in range(0, n_all, step):
+            u = data.u8(torch.arange(i, min(i + step, n_all), device=z.device)).flatten(2)[:, :, pix]
+            u = u.permute(2, 0, 1, 3).reshape(g, -1, c * size)  # [G, n, C*m]
+            v = u.to(torch.int32) * 2 - 255
+            lw = None if log_w is None else log_w[None, i:i + step]
+            yield i, KeyChunk(u, (v * v).sum(2).to(torch.float64) / 255.0 ** 2, lw)
+    return q, chunks
+
+
+def posterior_mean(z: torch.Tensor, t, data: TrainingSet, mask: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None):
+    """E[x_M | z_M] = sum_i softmax_i(-||z_M - x_iM||^2 / 2t^2) x_iM over the training set under a pixel
+    mask M (all channels of a chosen pixel; None: the whole image, the optimal denoiser), with its log
+    normaliser log Z = log sum_i exp(-||z_M - x_iM||^2 / 2t^2) (a Gaussian kernel-density log score up to
+    the constant -|M| log(2 pi t^2) / 2). For closed-form diffusion, unlearning targets, kNN scores.
+
+    z [B, C, H, W] float in [-1, 1]; t scalar or [B] (EDM sigma, > 0); mask bool [H, W] (at least one
+    pixel). Excluded images (`TrainingSet.without`) take no part. Returns (mean [B, C, H, W] float32,
+    the posterior mean on the mask and 0 elsewhere; log_z [B] float64). Raises ValueError for an empty mask.
+    """
+    b, c, h, w = z.shape
+    t = _t_column(t, b)
+    mask = torch.ones(h, w, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    pix = mask.flatten().nonzero().flatten()[None].to(z.device)
+    if pix.shape[1] == 0:
+        raise ValueError("empty mask")
+    q, chunks = _gathered(z, data, pix, KEYS_PER_TILE)
+    mean, lse = patch_posterior(q, t, chunks, dtype)
+    out = torch.zeros(b, c, h * w, dtype=torch.float32, device=z.device)
+    out[:, :, pix[0]] = mean[0].view(b, c, -1).to(torch.float32)
+    # the kernel's lse leaves out the row constant -||z_M||^2 / 2t^2
+    return out.view(b, c, h, w), lse[0] - (q[0] ** 2).sum(1) / (2 * t.to(q) ** 2)
+
+
 def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
                    on_weights: Callable[[int, torch.Tensor], None] | None = None,
                    dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -436,34 +480,20 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
     on_weights(start, a [B, n, H, W]) as in `square_composite` (over the virtual set, flips explicit)."""
     b, c, h, w = z.shape
     t = _t_column(t, b)
-    masks = masks.to(z.device)
-    flat = masks.flatten(1)
+    flat = masks.to(z.device).flatten(1)
     cov = flat.sum(0).to(torch.float64).reshape(h, w)
     out = torch.zeros(b, c, h * w, dtype=torch.float64, device=z.device)
     sizes = flat.sum(1)
-    n_all = len(data)
-    log_w = data.log_weights(virtual=True)
     for size in sizes.unique().tolist():
         sel = (sizes == size).nonzero().flatten()
         pix = flat[sel].nonzero()[:, 1].view(len(sel), size)  # [G, m] pixel indices, row-major
-        g = len(sel)
-        q = z.flatten(2)[:, :, pix].permute(2, 0, 1, 3).reshape(g, b, c * size).to(torch.float64)
-        dt = dtype or logit_dtype(q, t, c * size)
-        step = chunk or KEYS_PER_TILE
-
-        def chunks(pix=pix, g=g, size=size, step=step):
-            for i in range(0, n_all, step):
-                u = data.u8(torch.arange(i, min(i + step, n_all), device=z.device)).flatten(2)[:, :, pix]
-                u = u.permute(2, 0, 1, 3).reshape(g, -1, c * size)  # [G, n, C*m]
-                v = u.to(torch.int32) * 2 - 255
-                lw = None if log_w is None else log_w[None, i:i + step]
-                yield i, KeyChunk(u, (v * v).sum(2).to(torch.float64) / 255.0 ** 2, lw)
+        q, chunks = _gathered(z, data, pix, chunk or KEYS_PER_TILE)
+        dt = dtype or logit_dtype(q, t, q.shape[-1])
         mean, lse = patch_posterior(q, t, chunks, dt)
         # each crop's mean back onto its pixels
-        vals = mean.view(g, b, c, size).permute(1, 2, 0, 3).reshape(b, c, g * size)
-        out.index_add_(2, pix.flatten(), vals)
+        out.index_add_(2, pix.flatten(), mean.view(len(sel), b, c, size).permute(1, 2, 0, 3).reshape(b, c, -1))
         if on_weights is not None:
-            def hook(start, wts, pix=pix, g=g, size=size):
+            def hook(start, wts, pix=pix, size=size):
                 bb, n = wts.shape[1:]
                 a = torch.zeros(bb, n, h * w, dtype=torch.float64, device=z.device)
                 a.index_add_(2, pix.flatten(), wts.permute(1, 2, 0).repeat_interleave(size, 2))

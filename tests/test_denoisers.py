@@ -604,3 +604,25 @@ def test_excluding_everything_is_refused():
         data.without(range(N))
     with pytest.raises(UserError, match="outside"):
         data.without([N])
+
+
+@pytest.mark.parametrize("t", [0.002, 0.3, 5.0])
+def test_posterior_mean_under_a_mask_matches_naive(t):
+    from pspc_index.posterior import posterior_mean
+
+    data = data_for("rgb")
+    z, _ = queries(data, t, "random")
+    mask = torch.zeros(7, 6, dtype=torch.bool)
+    mask[1:4, 2:6] = True
+    mask[6, 0] = True
+    mean, log_z = posterior_mean(z, t, data, mask)
+    x = torch.from_numpy(all_images(data))[:, :, mask]  # [M, C, m] float64
+    zm = z.to(torch.float64)[:, :, mask]
+    d = ((zm[:, None] - x[None]) ** 2).sum((2, 3))  # [B, M]
+    want_lz = torch.logsumexp(-d / (2 * t ** 2), 1)
+    want = torch.einsum("bi,icm->bcm", torch.softmax(-d / (2 * t ** 2), 1), x)
+    assert (mean[:, :, mask].double() - want).abs().max() <= TOL
+    assert (mean[:, :, ~mask] == 0).all()
+    assert ((log_z - want_lz).abs() / want_lz.abs().clamp_min(1)).max() <= 1e-6
+    whole, _ = posterior_mean(z, t, data)
+    assert (whole - empirical_mean(z, t, data)).abs().max() <= TOL
