@@ -1,12 +1,13 @@
 """Denoisers x-hat = D(z, t). Every one is `forward(z, t)` with z [B, C, H, W] and t a scalar or [B].
 
-Exact: Empirical (optimal, Eq. 6-7), Gaussian, CFDM (smoothed optimal), PSPCSquare and PSPCFlex (Eq. 11);
-Network wraps any torch module called as net(z, t). Retrieval variants live in retrieval.py.
+Exact: Empirical (optimal, Eq. 6-7), Gaussian, CFDM (smoothed optimal), PSPCSquare and PSPCFlex (Eq. 11),
+ELS (Kamb & Ganguli's equivariant local score machine, els.py); Network wraps any torch module called as net(z, t). Retrieval variants live in retrieval.py.
 """
 from __future__ import annotations
 
 import torch
 
+from .els import els_mean
 from .errors import UserError
 from .geometry import MaskCrops, SquareCrops, flex_masks
 from .posterior import empirical_mean, mask_composite, square_composite
@@ -215,6 +216,46 @@ class PSPCFlex(Denoiser):
             zs, ts = z[sel.to(z.device)], t[sel]
             out[sel.to(z.device)] = (empirical_mean(zs, ts, self.data) if lam >= 1
                                      else mask_composite(zs, ts, self.data, self.crops(tj, lam).masks()))
+        return out
+
+
+class ELS(Denoiser):
+    """Kamb & Ganguli's (ICML 2025) equivariant local score machine: each pixel the centre of its k x k
+    window's posterior mean over the training patches pooled from every location (els.py; boundary "broken":
+    their boundary-broken ELS, for zero-padded networks, or "circular"). k = `k`, else the schedule's k(t)
+    at the nearest grid t; in the broken form k >= 2 max(H, W) - 1 is the optimal denoiser over the pool.
+    max_images: pool only a seeded random subset of that many stored images (`keep`, sorted; flips follow),
+    since a call costs ~ B N (H-k+1)^2 (W-k+1)^2 k^2 multiply-adds (README: measured cost)."""
+
+    name = "els"
+
+    def __init__(self, data: TrainingSet, k: int | None = None, schedule: Schedule | None = None,
+                 boundary: str = "broken", max_images: int | None = None, seed: int = 0,
+                 dtype: torch.dtype | None = None):
+        super().__init__(data)
+        if k is not None and (k < 1 or k % 2 == 0):
+            raise UserError(f"ELS needs an odd window size k >= 1, got {k}")
+        self.fixed, self.boundary, self.dtype = k, boundary, dtype
+        self.schedule = schedule or default_schedule(*data.shape[1:])
+        if max_images is not None and max_images < data.n_stored:
+            self.keep = torch.randperm(data.n_stored, generator=torch.Generator().manual_seed(seed))[:max_images]
+            self.keep = self.keep.sort().values
+            self.pool = data.subset(self.keep)
+        else:
+            self.keep, self.pool = torch.arange(data.n_stored), data
+
+    def sizes(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, self.fixed, dtype=torch.long) if self.fixed else self.schedule.els_size(t)
+
+    def denoise(self, z, t):
+        out = torch.empty_like(z)
+        whole = 2 * max(self.shape[1:]) - 1
+        sizes = self.sizes(t)
+        for k in sizes.unique().tolist():
+            sel = (sizes == k).nonzero().flatten()
+            zs, ts = z[sel.to(z.device)], t[sel]
+            out[sel.to(z.device)] = (empirical_mean(zs, ts, self.pool) if k >= whole and self.boundary == "broken"
+                                     else els_mean(zs, ts, self.pool, int(k), self.boundary, self.dtype))
         return out
 
 

@@ -36,6 +36,8 @@ class Schedule:
     shape: tuple[int, int]
     patch_sizes: tuple[int, ...]
     lambdas: tuple[float, ...]
+    # ELS window k(t) (Kamb & Ganguli 2025), calibrated against a network (tools/calibrate_els.py); None: derived
+    els_sizes: tuple[int, ...] | None = None
 
     @property
     def steps(self) -> int:
@@ -52,6 +54,12 @@ class Schedule:
 
     def patch_size(self, t) -> torch.Tensor:
         return torch.tensor(self.patch_sizes)[self.index(t)]
+
+    def els_size(self, t) -> torch.Tensor:
+        """ELS window k(t) at the nearest grid t: `els_sizes`, else derived from the patch sizes with each
+        full-size step as k = 2 max(H, W) - 1 (every pixel's window the whole image: the optimal denoiser)."""
+        sizes = self.els_sizes or tuple(2 * self.full - 1 if s >= self.full else s for s in self.patch_sizes)
+        return torch.tensor(sizes)[self.index(t)]
 
     def lam(self, t) -> torch.Tensor:
         return torch.tensor(self.lambdas, dtype=torch.float64)[self.index(t)]
