@@ -53,49 +53,6 @@ DEFAULT_CACHE_BUDGET = 2 * 2 ** 30
 _CACHE_BUDGET = DEFAULT_CACHE_BUDGET
 
 
-class OnlineSoftmax:
-    """Softmax over a stream of logit chunks along `dim`: running max m, normaliser Z, accumulator A.
-
-    After all chunks, Z = sum_i exp(l_i - m), A = sum_i exp(l_i - m) v_i, so the posterior mean is
-    A / Z and the log normaliser is m + log Z. Chunks may arrive in any order.
-    """
-
-    def __init__(self, dim: int = -1):
-        self.dim = dim
-        self.m = self.z = self.acc = None
-
-    def update(self, logits: torch.Tensor, combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Add a chunk. `combine(w)` maps its unnormalised weights w = exp(l - m) to the accumulator's
-        shape; `weights` (broadcast to the logits) multiplies each term (importance weights). Returns w,
-        relative to the running max after this chunk (after the last chunk: w / Z are the softmax weights)."""
-        # 1. new running max, and the factor that rescales what was accumulated under the old one
-        m_new = logits.amax(self.dim)
-        if self.m is not None:
-            m_new = torch.maximum(self.m, m_new)
-        # an all -inf row (every key excluded so far) keeps max -inf: shift by 0 instead of inf - inf
-        shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        scale = None if self.m is None else torch.exp(self.m - shift)
-        # 2. this chunk's terms relative to the new max
-        w = torch.exp(logits - shift.unsqueeze(self.dim))
-        if weights is not None:
-            w = w * weights
-        # 3. fold into normaliser and accumulator
-        z = w.sum(self.dim)
-        self.z = z if scale is None else self.z * scale + z
-        if combine is not None:
-            a = combine(w)
-            self.acc = a if scale is None else self.acc * scale.reshape(*scale.shape, *[1] * (a.ndim - scale.ndim)) + a
-        self.m = m_new
-        return w
-
-    def logsumexp(self) -> torch.Tensor:
-        return self.m + torch.log(self.z)
-
-    def mean(self) -> torch.Tensor:
-        return self.acc / self.z.reshape(*self.z.shape, *[1] * (self.acc.ndim - self.z.ndim))
-
-
 def set_patch_cache_budget(nbytes: int) -> None:
     """Bytes of unfolded uint8 training patches kept between calls (a sampling run calls each size once
     per step, s = 3 six times on the paper's schedule); 0 disables the cache. Default 2 GiB."""
@@ -113,7 +70,10 @@ class KeyChunk:
     """n keys of each of G groups. u: pixel values 0..255, uint8 or float [G, n, d] (exact); sq: ||x||^2
     of x = u / 127.5 - 1, float64 [G, n]; log_w: optional log weights (-inf excludes a key), float64,
     per key [G or 1, n] (a homogeneous column of the logit GEMM) or per query and key [G or 1, b, n]
-    (added to the logits after the GEMM: e.g. a key excluded for some queries of a group only)."""
+    (added to the logits after the GEMM: e.g. a key excluded for some queries of a group only).
+    Masked queries: when a group's b queries are crops of one window (zero outside their crop) and the
+    keys are whole windows, sq [G, b, n] holds each query's crop norms ||x_C||^2 (added after the GEMM,
+    like per-query log weights); the means then hold each query's patch mean on its crop's coordinates."""
 
     u: torch.Tensor
     sq: torch.Tensor
@@ -193,21 +153,24 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
 
 
 def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
-    """One tile of `patch_posterior`: queries q [g, b, d+3] against keys u [g, n, d] (log_w [g or 1, n] or
-    [g or 1, b, n]); updates the running max m [g, b], accumulator acc [g, b, d+1] and, if given, the row
-    statistics st [g, b, 2] (min finite logit, sum of squared terms relative to e^{2m}) in place. With
-    lse [g, b] (pass 2, row constant included) it returns the normalised weights [g, b, n] instead."""
+    """One tile of `patch_posterior`: queries q [g, b, d+3] against keys u [g, n, d] (sq [g, n] or
+    [g, b, n], log_w [g or 1, n] or [g or 1, b, n]); updates the running max m [g, b], accumulator
+    acc [g, b, d+1] and, if given, the row statistics st [g, b, 2] (min finite logit, sum of squared
+    terms relative to e^{2m}) in place. With lse [g, b] (pass 2, row constant included) it returns the
+    normalised weights [g, b, n] instead."""
     g, n, d = u.shape
     # 1. the keys in homogeneous coordinates, and one batched GEMM for every logit [g, b, n]; per-query
-    # log weights are added after it
-    row_w = log_w is not None and log_w.ndim == 3
+    # norms and log weights are added after it
+    row_w, row_sq = log_w is not None and log_w.ndim == 3, sq.ndim == 3
     # (feature-major [g, d+3, n]: the cached patches are stored so, which makes this a copy of rows)
     k = torch.empty(g, d + 3, n, dtype=q.dtype, device=q.device)
     k[:, :d] = u.transpose(1, 2)
     k[:, d] = 1
-    k[:, d + 1] = sq * -0.5
+    k[:, d + 1] = 0 if row_sq else sq * -0.5
     k[:, d + 2] = 0 if log_w is None or row_w else log_w
     logits = torch.bmm(q, k)
+    if row_sq:  # -||x_C||^2 / 2t^2, with the query's 1/t^2 as the GEMM column has it
+        logits += (sq * -0.5).to(logits.dtype) * q[..., d + 1, None]
     if row_w:
         logits += log_w.to(logits.dtype)
     if lse is not None:
@@ -516,9 +479,3 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, on_weights=None
     if coverage is not None:
         raise ValueError("coverage applies to square crop sets")
     return mask_composite(z, t, data, crops.masks(), on_weights=on_weights, dtype=dtype, chunk=chunk)
-
-
-def crop_sq_dists(z: torch.Tensor, x: torch.Tensor, crops) -> torch.Tensor:
-    """||z_C - x_C||^2 of every crop C, by direct differences and crop sums:
-    z [B, C, H, W], x [B or 1, n, C, H, W] -> [B, n, K]."""
-    return crops.crop_sums(((x - z[:, None]) ** 2).sum(2))

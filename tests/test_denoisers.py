@@ -14,7 +14,7 @@ import torch
 from pspc_index.denoisers import CFDM, Empirical, Gaussian, PSPCFlex, PSPCSquare
 from pspc_index.errors import UserError
 from pspc_index.geometry import MaskCrops, SquareCrops, flex_masks
-from pspc_index.posterior import OnlineSoftmax, composite_mean, empirical_mean
+from pspc_index.posterior import KeyChunk, composite_mean, empirical_mean, patch_posterior
 from pspc_index.store import TrainingSet
 
 # composite_mean (float32 default) computes crop logits -||z_C - x_C||^2 / 2t^2 and their log
@@ -511,34 +511,61 @@ def test_xflip_false_changes_the_set():
 
 
 # ----------------------------------------------------------------------------------------------
-# OnlineSoftmax
+# the kernel: streamed chunks in any order, weights, statistics
 # ----------------------------------------------------------------------------------------------
 
-def test_online_softmax_shuffled_chunks():
+def test_kernel_shuffled_chunks_weights_and_stats():
     g = torch.Generator().manual_seed(0)
-    b, n, d = 4, 37, 5
-    logits = torch.randn(b, n, generator=g, dtype=torch.float64) * 30
-    logits[1] -= 1e4          # a row far below zero (no underflow thanks to the running max)
-    logits[2, 5] += 500       # one dominant term
-    values = torch.randn(n, d, generator=g, dtype=torch.float64)
-    want = torch.softmax(logits, 1) @ values
-    want_lse = torch.logsumexp(logits, 1)
+    G, b, n, d = 3, 4, 37, 5
+    u = torch.randint(0, 256, (G, n, d), generator=g, dtype=torch.uint8)
+    x = u.double() / 127.5 - 1
+    z = torch.rand(G, b, d, generator=g, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0.002, 0.05, 0.5, 20.0], dtype=torch.float64)
+    sq = (x * x).sum(2)
+    log_w = torch.randn(G, n, generator=g, dtype=torch.float64)
+    log_w[1, 3] = -math.inf  # an excluded key
+    row_w = torch.randn(G, b, n, generator=g, dtype=torch.float64)
+    row_w[0, 2] = -math.inf  # a row with every key excluded
+    row_w[2, 1, :36] = -math.inf  # a row with one key
     perm = torch.randperm(n, generator=g)
     cuts = [0, 3, 4, 17, 30, n]
-    sm = OnlineSoftmax(dim=1)
-    for a, c in zip(cuts[:-1], cuts[1:]):
-        idx = perm[a:c]
-        sm.update(logits[:, idx], lambda w, idx=idx: w @ values[idx])
-    assert (sm.mean() - want).abs().max() <= 1e-12
-    assert (sm.logsumexp() - want_lse).abs().max() <= 1e-9
-    # importance weights: same as softmax of logits + log(weights)
-    wts = torch.rand(b, n, generator=g, dtype=torch.float64) + 0.1
-    sm2 = OnlineSoftmax(dim=1)
-    for a, c in zip(cuts[:-1], cuts[1:]):
-        idx = perm[a:c]
-        sm2.update(logits[:, idx], lambda w, idx=idx: w @ values[idx], weights=wts[:, idx])
-    want2 = torch.softmax(logits + wts.log(), 1) @ values
-    assert (sm2.mean() - want2).abs().max() <= 1e-12
+    const = (z * z).sum(2) / (2 * t ** 2)
+    d2 = ((z[:, :, None] - x[:, None]) ** 2).sum(3)
+    # per-key weights (the GEMM's column) at the certified precision; per-row ones (added after it) in float64
+    for dtype, lw in ((None, log_w), (torch.float64, log_w[:, None] + row_w)):
+        def chunks(lw=lw):
+            for a, c in zip(cuts[:-1], cuts[1:]):
+                yield a, KeyChunk(u[:, perm[a:c]], sq[:, perm[a:c]], lw[..., perm[a:c]])
+        # naive float64: l = -||z - x||^2 / 2t^2 + log w; the kernel's lse leaves out -||z||^2 / 2t^2
+        lr = -d2 / (2 * t[:, None] ** 2) + (lw if lw.ndim == 3 else lw[:, None])
+        want_lse = torch.logsumexp(lr, 2) + const
+        want_lmin = lr.masked_fill(lr == -math.inf, math.inf).amin(2) + const
+        want_lse2 = torch.logsumexp(2 * (lr + const[..., None]), 2)
+        mean, lse, lmin, lse2 = patch_posterior(z, t, chunks, dtype, stats=True)
+        ok = torch.isfinite(want_lse)
+        assert ok.all() == (lw.ndim == 2)
+        assert torch.isneginf(lse[~ok]).all() and torch.isposinf(lmin[~ok]).all()
+        assert (mean[ok] - (torch.softmax(lr, 2) @ x)[ok]).abs().max() <= 1e-5
+        for got, want in ((lse, want_lse), (lmin, want_lmin), (lse2, want_lse2)):  # nats: the certified LOGIT_TOL
+            assert ((got[ok] - want[ok]).abs() - 1e-12 * want[ok].abs()).max() <= 4e-6
+        # the second pass reports each chunk's normalised weights
+        w = torch.zeros(G, b, n, dtype=torch.float64)
+
+        def hook(start, wts):
+            w[:, :, perm[start:start + wts.shape[2]]] = wts
+        patch_posterior(z, t, chunks, dtype, lse=lse, on_weights=hook)
+        assert (w[ok] - torch.softmax(lr, 2)[ok]).abs().max() <= 1e-5
+    # masked queries: rows are crops of one window (zero outside), keys whole windows, sq per row
+    crops = torch.zeros(b, d, dtype=torch.bool)
+    for r in range(b):
+        crops[r, r:r + 2] = True
+    zm = z * crops
+    sq_rows = ((x * x)[:, None] * crops[None, :, None]).sum(3)  # [G, b, n]
+    mean, lse = patch_posterior(zm, t, lambda: iter([(0, KeyChunk(u, sq_rows))]), torch.float64)
+    lc = -(((zm[:, :, None] - x[:, None]) ** 2) * crops[None, :, None]).sum(3) / (2 * t[:, None] ** 2)
+    want = torch.softmax(lc, 2) @ x
+    assert (mean - want)[crops.expand(G, -1, -1)].abs().max() <= 1e-9
+    assert (lse - torch.logsumexp(lc, 2) - (zm * zm).sum(2) / (2 * t ** 2)).abs().max() <= 1e-6
 
 
 def test_empirical_mean_chunked_equals_unchunked():

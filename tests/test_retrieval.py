@@ -339,3 +339,51 @@ def test_mostly_duplicate_blocks_keep_their_cells(tmp_path):
     index = open_bundle(tmp_path / "b", store).index(3, 0, 0)  # held: the IVF view below borrows it
     ivf = faiss.extract_index_ivf(index)
     assert all(ivf.invlists.list_size(i) > 0 for i in range(ivf.nlist))
+
+
+# Exclusion (TrainingSet.without): excluded images and their flips never take part
+@pytest.mark.parametrize("kind", ["flat", "sq8"])
+def test_exclusion_all_candidates_equal_exact_on_the_view(built, kind):
+    root, store = built
+    full = store.training_set()
+    data = full.without([2, 7, 11])
+    n_inc = len(full) - 6
+    z = queries(full, 0.4, b=3)
+    exact = PSPCSquare(data, patch_size=3)(z, 0.4)
+    bundle = open_bundle(root / kind, store)
+    every = RetrievalPSPC(data, bundle, k=len(full), tail="none", patch_size=3)
+    assert (every(z, 0.4) - exact).abs().max() < 1e-5
+    rep = every.last_report[3]
+    assert rep["k"] == n_inc and rep["eps_bar"].max() == 0
+    # a few candidates and a tail of every included image: exact again
+    tail = RetrievalPSPC(data, bundle, k=4, tail="sample", m=n_inc, patch_size=3)
+    assert (tail(z, 0.4) - exact).abs().max() < 1e-5
+    assert tail.last_report[3]["rel_se"].max() == 0
+    # the view differs from the full set: the test sees the exclusion
+    assert (PSPCSquare(full, patch_size=3)(z, 0.4) - exact).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tail", ["none", "sample"])
+def test_excluded_images_never_contribute(built, tail):
+    from pspc_index.attribution import attribution_maps
+    root, store = built
+    full = store.training_set()
+    gone = [3, 5]
+    data = full.without(gone)
+    virtual = gone + [i + full.n_stored for i in gone]
+    # queries at the excluded images and their flips, at small t: each would be its own top candidate
+    z = full.get(torch.tensor(virtual)) + 0.05 * torch.randn(4, *full.shape, generator=torch.Generator().manual_seed(2))
+    den = RetrievalPSPC(data, open_bundle(root / "sq8", store), k=3, tail=tail, m=6, patch_size=3)
+    zw = z[:, :, :6, :6].flatten(1)  # block (0, 0): a 6 x 6 window
+    # the raw search finds them; the candidates leave them out
+    assert torch.isin(den.bundle.search(3, 0, 0, zw, 3), torch.tensor(virtual)).any(1).all()
+    ids = den.candidates(zw, 3, 0, 0, 3)
+    assert (ids >= 0).all() and not torch.isin(ids, torch.tensor(virtual)).any()
+    drawn = den.tail_ids(3, 0, 0, 500)
+    assert not torch.isin(drawn, torch.tensor(virtual)).any()
+    shares, tm = attribution_maps(den, z, 0.05, top=len(full))
+    assert (shares[:, virtual] == 0).all()
+    np.testing.assert_allclose(shares.sum(1).numpy(), 1, atol=1e-6)
+    # the weights reproduce the output, which is a combination of included images only
+    x = data.get(tm.ids)[:, :, 0].to(torch.float64)
+    np.testing.assert_allclose((tm.maps * x).sum(1).numpy(), den(z, 0.05)[:, 0].numpy(), atol=1e-5)
