@@ -14,7 +14,7 @@ from .errors import UserError
 from .index import KINDS
 from .outputs import FILE, claim, save_npy, start_demo_dir, write_grid
 
-DENOISERS = ("empirical", "gaussian", "cfdm", "pspc-square", "pspc-flex", "network")
+DENOISERS = ("empirical", "gaussian", "cfdm", "els", "pspc-square", "pspc-flex", "network")
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_NETWORK = REPO_DATA / "network" / "fmnist-unet"
 DEFAULT_HEATMAPS = REPO_DATA / "heatmaps" / "fmnist-unet.zarr"
@@ -114,18 +114,36 @@ def exclusion_opts(f):
     return wrapper
 
 
+def els_opts(f):
+    """--els-images M, --els-boundary broken|circular, passed to the command as one `els` dict."""
+    @functools.wraps(f)
+    def wrapper(*args, els_images, els_boundary, **kwargs):
+        return f(*args, els={"max_images": els_images, "boundary": els_boundary}, **kwargs)
+    for opt in reversed([
+        click.option("--els-images", type=int, default=None,
+                     help="ELS: pool the patches of only a seeded random subset of this many stored images "
+                          "(flips follow); the full set costs ~N x locations patches per pixel (README)."),
+        click.option("--els-boundary", type=click.Choice(["broken", "circular"]), default="broken",
+                     show_default=True,
+                     help="ELS boundary: Kamb & Ganguli's boundary-broken ELS (zero-padded networks) or circular."),
+    ]):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def denoiser_options(f):
     """Every option that chooses and configures a denoiser (denoise and sample share them)."""
     for opt in reversed([denoiser_opt, patch_opt, schedule_opt, xflip_opt, network_opt, heatmaps_opt, device_opt,
-                         retrieval_opts, exclusion_opts]):
+                         retrieval_opts, exclusion_opts, els_opts]):
         f = opt(f)
     return f
 
 
 def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_path=None, heatmaps_path=None,
-                     device="cpu", retrieval: dict | None = None, default_tail: str = "sample"):
+                     device="cpu", retrieval: dict | None = None, default_tail: str = "sample", els: dict | None = None):
     """make(data) -> the named denoiser over `data` (any view of the opened ImageStore `store`'s training
-    set, e.g. one without some images); the index bundle, heatmaps or network are loaded once, here."""
+    set, e.g. one without some images); the index bundle, heatmaps or network are loaded once, here.
+    els: ELS options {"max_images", "boundary"}; --patch-size is ELS's fixed window k."""
     from . import denoisers as dn
     from .schedule import get_schedule
 
@@ -150,13 +168,15 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
         from .network import load_network
         net = load_network(network_path or DEFAULT_NETWORK, device=device)
         return lambda data: dn.Network(net, store.shape[1:], data)
+    if denoiser == "els":
+        return lambda data: dn.ELS(data, k=patch_size, schedule=sched, **(els or {}))
     return {"empirical": dn.Empirical, "gaussian": dn.Gaussian, "cfdm": dn.CFDM,
             "pspc-square": lambda data: dn.PSPCSquare(data, patch_size=patch_size, schedule=sched)}[denoiser]
 
 
 def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
                    heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tail: str = "sample",
-                   exclusion=None):
+                   exclusion=None, els: dict | None = None):
     """Make the named denoiser over `store` (an opened ImageStore or a store path; the API the CLI shells
     over), without the images of `exclusion` (a counterfactual.Exclusion) if given."""
     from .store import ImageStore
@@ -169,7 +189,7 @@ def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, 
                         "(its training set is in its weights)")
     data = store.training_set(xflip=xflip, device=device)
     make = denoiser_factory(store, denoiser, patch_size, schedule, network_path, heatmaps_path, device, retrieval,
-                            default_tail)
+                            default_tail, els)
     return make(exclusion.apply(data) if excluding else data)
 
 
@@ -234,7 +254,7 @@ def info(store_path, as_json):
 @denoiser_options
 @user_errors
 def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size, schedule, xflip, network_path,
-            heatmaps_path, device, retrieval, exclusion):
+            heatmaps_path, device, retrieval, exclusion, els):
     """Denoise z at noise level t and write D(z, t) as .npy."""
     from .counterfactual import exclusion as select, included_ids
     from .store import ImageStore
@@ -245,7 +265,7 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
     store = ImageStore.open(store_path)
     excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval, exclusion=excluded)
+                         retrieval, exclusion=excluded, els=els)
     if z_path is not None:
         z = load_z(z_path, den.shape)
     else:
@@ -323,7 +343,7 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
 @denoiser_options
 @user_errors
 def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, record, overwrite, denoiser, patch_size,
-           schedule, xflip, network_path, heatmaps_path, device, retrieval, exclusion):
+           schedule, xflip, network_path, heatmaps_path, device, retrieval, exclusion, els):
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
     from .counterfactual import exclusion as select
     from .distributed import SAMPLES, init_distributed, launched_distributed, resolve_batch, run_meta, sample_to_zarr
@@ -353,7 +373,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     store = ImageStore.open(store_path)  # opened once: loading hashes the pixels, which the run records
     excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval, exclusion=excluded)
+                         retrieval, exclusion=excluded, els=els)
     if split == "locations":
         den.locations = (rank, world)
     batch = resolve_batch(batch, memory_gb, den, n, steps, record, device, out if zarr_out else None)
@@ -458,6 +478,9 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         claim(panel, FILE, overwrite)
     store = ImageStore.open(store_path)
     data = select(store, **exclusion).apply(store.training_set(xflip))
+    taking_part = data.n_included // (2 if xflip else 1)
+    if verify is not None and verify >= taking_part:  # checked before the attribution's passes, not after
+        raise UserError(f"--verify {verify}: need M < {taking_part}, the stored images taking part")
     make = denoiser_factory(store, "pspc-square", patch_size, schedule, retrieval=retrieval, default_tail="none")
     den = make(data)
     labels, classes = store.labels, store.meta.get("classes")
