@@ -111,3 +111,24 @@ def test_els_denoiser_subset_schedule_and_exclusion(tiny):
     with pytest.raises(ValueError):
         els_mean(z, t, data, 4)
     assert math.isfinite(float(ELS(data, k=5, boundary="circular")(z, t).sum()))
+
+
+def test_cli_denoise_els(tmp_path, tiny):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from pspc_index.cli import cli
+    from pspc_index.store import ImageStore, write_store
+
+    data, z = tiny
+    z = z[:, :1]
+    write_store(tmp_path / "s.zarr", data.images[:, :1].numpy())  # stores hold 1 or 3 channels
+    np.save(tmp_path / "z.npy", z.numpy())
+    args = ["denoise", "--store", tmp_path / "s.zarr", "--z", tmp_path / "z.npy", "--t", "0.5", "--denoiser", "els",
+            "--patch-size", "3", "--els-images", "2", "--out", tmp_path / "d.npy"]
+    res = CliRunner().invoke(cli, list(map(str, args)))
+    assert res.exit_code == 0, res.output
+    want = ELS(ImageStore.open(tmp_path / "s.zarr").training_set(), k=3, max_images=2)(z, 0.5)
+    assert np.abs(np.load(tmp_path / "d.npy") - want.numpy()).max() < 1e-6
+    res = CliRunner().invoke(cli, list(map(str, args[:-4] + ["--patch-size", "4", "--out", tmp_path / "e.npy"])))
+    assert res.exit_code == 2 and "odd window" in res.output
