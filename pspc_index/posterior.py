@@ -13,7 +13,8 @@ is a choice of groups and keys:
                     the uint8 store (strided views, cached per size); the full-image crop is the
                     optimal denoiser D* (Eq. 6-7), `empirical_mean`.
   mask_composite    PSPC-Flex and any crop masks: crops as index gathers, equal-size masks batched.
-  retrieval.py      exact rescoring of gathered candidates (one group per location and query).
+  retrieval.py      exact rescoring of gathered candidates (one group per query, its crop locations as
+                    masked queries over the candidates' windows) and of a shared tail sample.
 
 Horizontal flips (the training set's second half) never become keys: the flip of image i at location
 (y, x) is the mirror of image i at (y, W - sw - x), so the flipped half is the original keys queried
@@ -27,7 +28,8 @@ for K-term dot products, plus one rounding of each operand):
 delta stays below LOGIT_TOL for every t >= 0.002 up to d ~ 10^3). Logit errors <= delta perturb each
 normalised weight by a factor in [e^-2delta, e^2delta], so every patch mean is within
 (e^(2 delta) - 1) * 2 of the exact one (pixels in [-1, 1]): <= 4e-6 at LOGIT_TOL = 1e-6. Running max,
-normaliser and accumulators are kept per chunk in the logit dtype and combined in float64.
+normaliser and accumulators are kept per chunk in the logit dtype and combined in float64. Terms below
+e^-80 of the running max are dropped (`EXP_FLOOR`): a mean moves by < 2 n e^-80 (n keys), nothing here.
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ TILE_ELEMENTS = 2 ** 20
 CHUNK_ELEMENTS = 2 ** 24
 # largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
 LOGIT_TOL = 1e-6
+# terms below e^EXP_FLOOR of the running max are dropped (exactly 0): exp of far-negative arguments
+# takes the slow underflow path (measured 10x slower per element), and the dropped mass is < n e^-80
+EXP_FLOOR = -80.0
 # bytes of unfolded uint8 patches kept between calls (`set_patch_cache_budget`)
 DEFAULT_CACHE_BUDGET = 2 * 2 ** 30
 _CACHE_BUDGET = DEFAULT_CACHE_BUDGET
@@ -127,6 +132,9 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     c = z64.sum(2) * inv_t2
     q = torch.cat([z64 * (inv_t2 / 127.5)[..., None], torch.zeros(g, b, 1, dtype=torch.float64, device=dev),
                    inv_t2[..., None], torch.ones(g, b, 1, dtype=torch.float64, device=dev)], 2).to(ldt)
+    if lse is None and not stats and fused_available(dev):
+        mean, lse_f = _flash_posterior(q, chunks, d)
+        return mean, lse_f - c
     m = torch.full((g, b), -math.inf, dtype=ldt, device=dev)
     acc = torch.zeros(g, b, d + 1, dtype=torch.float64, device=dev)
     # (lmin, sum of squared terms relative to e^{2m}) per row, kept only when asked
@@ -152,6 +160,49 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     return out
 
 
+def fused_available(device) -> bool:
+    """Whether the fused CPU attention kernel (torch's flash attention for CPU, which also returns the log
+    normaliser) can serve a call: CPU tensors and the op present in this torch."""
+    return torch.device(device).type == "cpu" and _FLASH_CPU is not None and _USE_FUSED
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_USE_FUSED = True  # tools/bench_exact.py switches it off to time the explicit GEMM tiles
+
+
+def _keys(u, sq, log_w, dtype):
+    """Keys in homogeneous coordinates [u, 1, -||x||^2/2, log w]: [g, n, d + 3] (log_w [g or 1, n] or None)."""
+    g, n, d = u.shape
+    k = torch.empty(g, n, d + 3, dtype=dtype, device=u.device)
+    k[..., :d] = u
+    k[..., d] = 1
+    k[..., d + 1] = sq * -0.5
+    k[..., d + 2] = 0 if log_w is None else log_w
+    return k
+
+
+def _flash_posterior(q: torch.Tensor, chunks, d: int):
+    """`patch_posterior`'s first pass by fused attention: per key chunk one call of torch's CPU flash
+    attention (logits, running max, exp, sums and the weighted values in cache-sized blocks, in q's dtype)
+    with values = the keys themselves, then the chunks' (mean, lse) merged. Per-query log weights
+    ([G, b, n]) enter as its additive mask. Returns (mean [G, b, d] float64, lse [G, b] float64 with the
+    row constant sum(z)/t^2 still in)."""
+    g, b, _ = q.shape
+    mean = lse = None
+    for _, ch in chunks():
+        row_w = ch.log_w is not None and ch.log_w.ndim == 3
+        k = _keys(ch.u, ch.sq, None if row_w else ch.log_w, q.dtype)[:, None]
+        mask = ch.log_w[:, None].to(q.dtype) if row_w else None
+        out, part = _FLASH_CPU(q[:, None], k, k, 0.0, False, attn_mask=mask, scale=1.0)[:2]
+        part = part[:, 0].to(torch.float64)
+        if ch.log_w is not None:  # the fused kernel reports lse 0 for a row whose keys are all excluded
+            lw = ch.log_w if row_w else ch.log_w[:, None].expand(g, b, -1)
+            part = part.masked_fill(~torch.isfinite(lw).any(-1), -math.inf)
+        m_part = out[:, 0, :, :d].to(torch.float64)  # the mean of u (0..255)
+        mean, lse = (m_part, part) if mean is None else merge(mean, lse, m_part, part)
+    return mean / 127.5 - 1, lse
+
+
 def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     """One tile of `patch_posterior`: queries q [g, b, d+3] against keys u [g, n, d] (sq [g, n] or
     [g, b, n], log_w [g or 1, n] or [g or 1, b, n]); updates the running max m [g, b], accumulator
@@ -174,14 +225,14 @@ def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     if row_w:
         logits += log_w.to(logits.dtype)
     if lse is not None:
-        return torch.exp(logits.to(torch.float64) - lse[..., None])
+        return _floored_exp(logits.to(torch.float64).sub_(lse[..., None]))
     if st is not None:
         lmin = logits.masked_fill(logits == -math.inf, math.inf).amin(2)
         torch.minimum(st[..., 0], lmin.to(torch.float64), out=st[..., 0])
     # 2. online softmax: new running max, this chunk's terms relative to it
     m_new = torch.maximum(m, logits.amax(2))
     shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # rows with every key excluded
-    w = logits.sub_(shift[..., None]).to(wdt).exp_()
+    w = _floored_exp(logits.sub_(shift[..., None]).to(wdt))
     # 3. second batched GEMM: [sum_i w_i u_i, sum_i w_i], folded into the rescaled accumulator
     v = (k[:, :d + 1] if wdt == q.dtype else k[:, :d + 1].to(wdt)).transpose(1, 2)
     rescale = torch.exp((m - shift).to(torch.float64))
@@ -189,6 +240,12 @@ def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     if st is not None:
         st[..., 1].mul_(rescale ** 2).add_((w * w).sum(2).to(torch.float64))
     m.copy_(m_new)
+
+
+def _floored_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(max(x, EXP_FLOOR)) - e^EXP_FLOOR, in place for x <= 0 (logits relative to their max): exactly 0
+    at and below the floor (excluded keys, x = -inf, included); every other term is off by < e^-80."""
+    return x.clamp_min_(EXP_FLOOR).exp_().sub_(math.exp(EXP_FLOOR))
 
 
 def posterior_weights_pass(z, t, chunks, lse, on_weights, dtype=None) -> None:

@@ -44,7 +44,7 @@ from .distributed import all_reduce_sum, split_range
 from .errors import UserError
 from .geometry import SquareCrops
 from .index import Bundle, blocks, window_u8
-from .posterior import CHUNK_ELEMENTS, KEYS_PER_TILE, KeyChunk, logit_dtype, merge, patch_posterior, unfold_u8
+from .posterior import CHUNK_ELEMENTS, KEYS_PER_TILE, KeyChunk, merge, patch_posterior, unfold_u8
 from .schedule import Schedule
 from .store import TrainingSet
 
@@ -97,36 +97,37 @@ def candidate_posterior(q: torch.Tensor, t: torch.Tensor, keys, log_w: torch.Ten
     candidate logit), float64. With lse [B, P] (the merged one): the second pass, on_weights(w [B, P, k])
     with the normalised weights.
     """
-    b, p, dw = q.shape
+    b, p, _ = q.shape
     chunks = lambda: iter([(0, KeyChunk(keys[0], keys[1], log_w))])  # noqa: E731
     tg = t[:, None].expand(b, p)
-    dtype = dtype or logit_dtype(q, tg, dw)
     if lse is not None:
         return patch_posterior(q, tg, chunks, dtype, lse=lse, on_weights=lambda start, w: on_weights(w))
     mean, lse, lmin, _ = patch_posterior(q, tg, chunks, dtype, stats=True)
     return mean, lse, lmin
 
 
-def tail_posterior(q: torch.Tensor, t: torch.Tensor, keys, log_w: torch.Tensor, dtype, lse=None, on_weights=None):
+def tail_posterior(q: torch.Tensor, t: torch.Tensor, keys, log_w: torch.Tensor, n: int, dtype, lse=None,
+                   on_weights=None):
     """Importance-weighted posterior over the tail draws, one kernel group per location, the queries its rows.
 
-    q [P, B, d] float64; t [B] float64; keys (u8 [P, m, d], sq [P, m]) of the m draws; log_w [B, m]
-    float64 (log N/m, -inf where the draw is one of the query's candidates). Returns (mean [P, B, d],
-    lse [P, B], lse2 [P, B]: log sum of the squared weighted terms), all float64. With lse [P, B] (the
-    merged one): the second pass, on_weights(start, w [P, B, n]) for draws start..start+n.
+    q [P, B, d] float64; t [B] float64; keys (u8 [P, m, d], sq [P, m]) of the m draws of n included
+    images; log_w [B, m] float64: 0, or -inf where the draw is one of the query's candidates. Every term
+    has the importance weight n/m (1 when the draws are all n images): it enters the returned log
+    normalisers, not the kernel (whose logits and weights stay exact and certified). Returns (mean
+    [P, B, d], lse [P, B], lse2 [P, B]: log sum of the squared weighted terms), all float64. With lse
+    [P, B] (the merged one): the second pass, on_weights(start, w [P, B, n]) for draws start..start+n.
     """
     u8, sq = keys
     lw = log_w[None]
+    log_scale = math.log(n / u8.shape[1])
 
     def chunks():
         for i in range(0, u8.shape[1], KEYS_PER_TILE):
             yield i, KeyChunk(u8[:, i:i + KEYS_PER_TILE], sq[:, i:i + KEYS_PER_TILE], lw[..., i:i + KEYS_PER_TILE])
-    finite = log_w[torch.isfinite(log_w)]
-    dtype = dtype or logit_dtype(q, t, q.shape[2], float(finite.abs().max()) if len(finite) else 0.0)
     if lse is not None:
-        return patch_posterior(q, t, chunks, dtype, lse=lse, on_weights=on_weights)
+        return patch_posterior(q, t, chunks, dtype, lse=lse - log_scale, on_weights=on_weights)
     mean, lse, _, lse2 = patch_posterior(q, t, chunks, dtype, stats=True)
-    return mean, lse, lse2
+    return mean, lse + log_scale, lse2 + 2 * log_scale
 
 
 def masked_queries(q: torch.Tensor, win: tuple[int, int, int, int], s: int):
@@ -304,7 +305,7 @@ class RetrievalPSPC(PSPCSquare):
         cand = tuple(torch.cat(v, 1) for v in zip(*parts))
         if tid is None:
             return cand, None, cand[0], cand[1]
-        tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self._tail_log_w(ids, tid, n), self.dtype)
+        tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self._tail_log_w(ids, tid), n, self.dtype)
         return (cand, tl, *merge(cand[0], cand[1], tl[0], tl[1]))
 
     def attribute_block(self, q, t, ids, tid, win, s, n, lse, inv_cov, on_weights):
@@ -321,7 +322,7 @@ class RetrievalPSPC(PSPCSquare):
         if tid is not None:
             def hook(start, w):
                 on_weights(slice(0, len(ids)), tid[start:start + w.shape[2]].expand(len(ids), -1), per_pixel(w), win)
-            tail_posterior(q, t, crop_keys(self.data, tid, win, s), self._tail_log_w(ids, tid, n), self.dtype,
+            tail_posterior(q, t, crop_keys(self.data, tid, win, s), self._tail_log_w(ids, tid), n, self.dtype,
                            lse, hook)
 
     @staticmethod
@@ -331,8 +332,8 @@ class RetrievalPSPC(PSPCSquare):
                                                                device=ids.device).masked_fill(ids < 0, -math.inf)
 
     @staticmethod
-    def _tail_log_w(ids: torch.Tensor, tid: torch.Tensor, n: int) -> torch.Tensor:
-        """[B, m] float64 tail log weights: log(N/m) (0 when the draws are all N images), -inf where the
-        draw is one of the query's candidates ids [B, k] (those terms are already exact)."""
-        lw = torch.full((len(ids), len(tid)), math.log(n / len(tid)), dtype=torch.float64, device=ids.device)
+    def _tail_log_w(ids: torch.Tensor, tid: torch.Tensor) -> torch.Tensor:
+        """[B, m] float64 tail log weights: 0, or -inf where the draw is one of the query's candidates
+        ids [B, k] (those terms are already exact)."""
+        lw = torch.zeros(len(ids), len(tid), dtype=torch.float64, device=ids.device)
         return lw.masked_fill(isin_rows(ids, tid), -math.inf)
