@@ -122,7 +122,6 @@ def test_flip_of_an_excluded_image_is_excluded(stores):
     assert all(e["index"] != 7 for e in ranking[0]) and len(ranking[0]) == 2 * (N - 1)
 
 
-@pytest.mark.xfail(reason="needs retrieval.py to mask data.excluded (the retrieval helper's change)", strict=False)
 def test_retrieval_excluded_equals_smaller_store_exact(stores, tmp_path):
     root, _ = stores
     assert run("build", root / "full.zarr", tmp_path / "flat", "--patch-sizes", 3, "--index", "flat",
@@ -134,6 +133,17 @@ def test_retrieval_excluded_equals_smaller_store_exact(stores, tmp_path):
                "--tail", "none", "--out", tmp_path / "a.npy", *options(root, "ids")).exit_code == 0
     assert run("denoise", "--store", root / "ids.zarr", *common, "--out", tmp_path / "b.npy").exit_code == 0
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), atol=1e-5)
+    # attribution over the candidates: the same images and shares, none excluded
+    common = ["--z", tmp_path / "z.npy", "--t", 0.4, "--patch-size", 3, "--top", 2 * N, "--json"]
+    a = json.loads(run("attribute", "--store", root / "full.zarr", *common, "--index", tmp_path / "flat", "--k",
+                       2 * N, *options(root, "ids")).output)
+    b = json.loads(run("attribute", "--store", root / "ids.zarr", *common).output)
+    keep = stores[1]["ids"]
+    for qa, qb in zip(a["queries"], b["queries"]):
+        share = {(e["index"], e["flip"]): e["share"] for e in qa}
+        assert len(qa) == len(qb) and not {e["index"] for e in qa} & set(GONE)
+        for e in qb:
+            assert abs(share[(int(keep[e["index"]]), e["flip"])] - e["share"]) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
