@@ -5,14 +5,17 @@ uniform tail sample (Niedoba et al. 2024).
 Per s and anchor block (stride x stride locations sharing one union-window index), all at once:
   1. one FAISS search of the block's window gives k candidate ids per query (`RetrievalPSPC.candidates`;
      excluded images are dropped from a widened search, so every candidate takes part);
-  2. the candidates' patches at every location of the block, gathered from the uint8 store, are the keys
-     of one kernel call with a group per (location, query) (`candidate_posterior`): exact logits (FAISS
-     codes and distances never enter the softmax), the candidates' posterior mean and log normaliser;
+  2. the candidates' windows, gathered from the uint8 store, are the keys of one kernel call with a
+     group per query whose rows are the block's crop locations as masked queries (zero outside the crop;
+     per-row crop norms), so one GEMM scores every location without copying each location's patches
+     (`candidate_posterior`): exact logits (FAISS codes and distances never enter the softmax), each
+     (location, query)'s candidate posterior mean, log normaliser and smallest logit;
   3. with tail="sample", m ids drawn uniformly (with replacement) from the included images, seeded by
-     (seed, s, block) and shared by the block's locations and queries, are the keys of one kernel call
-     with a group per location and the queries as its rows (`tail_posterior`): log weight log(N/m)
-     (0 when m >= N: the tail is every image, exactly), -inf where the draw is one of the query's
-     candidates: an unbiased estimate of the rest of each normaliser and of its weighted sum;
+     (seed, s, block) and shared by the block's locations and queries: their patches at every location
+     are the keys of one kernel call with a group per location and the queries as its rows
+     (`tail_posterior`), each term weighted N/m (1 when m >= N: the tail is every image, exactly) and
+     excluded (log weight -inf) where the draw is one of the query's candidates: an unbiased estimate of
+     the rest of each normaliser and of its weighted sum;
   4. the two states merge per (location, query) by their log normalisers (`posterior.merge`); the patch
      means are summed into the window and divided by the (global) coverage (`fold_window`). The
      per-pixel weights a_i[p] (sum one at every pixel) come from the kernel's second pass with the merged
