@@ -5,10 +5,16 @@ attention with a per-key bias:
     E[x_C | z_C] = sum_i softmax_i(l_i) x_iC,   l_i = (z_C . x_iC - ||x_iC||^2 / 2) / t^2 + log w_i
 (the -||z_C||^2 / 2t^2 term is the same for every i and cancels; w_i are optional per-key weights:
 multiplicities, importance weights). `patch_posterior` is the one kernel: for G groups (crop
-locations, or location x query pairs) of b queries each, it streams chunks of keys [G, n, d], computes
-all logits with one batched GEMM in homogeneous coordinates, folds them into a running max and
-normaliser (online softmax), and accumulates the means with a second batched GEMM. Every exact path
-is a choice of groups and keys:
+locations, or location x query pairs) of b queries each, it streams chunks of keys [G, n, d] in
+homogeneous coordinates (q . [u, 1, -||x||^2/2, log w] is the logit) and dispatches between two
+formulations of the same computation, measured in tools/bench_exact.py:
+  fused  (CPU, first pass): torch's flash attention for CPU with the keys as values, which does logits,
+         running max, exp, sums and weighted values in cache-sized blocks and returns the log normaliser;
+         the chunks' states merge by it. 2-8x faster than the tiles here, and robust on a loaded machine.
+  tiles  (second passes that report weights, statistics, CUDA): one batched GEMM for the logits of a
+         cache-sized tile, an online softmax, a second batched GEMM against [u, 1] for the weighted sum
+         and the normaliser.
+Every exact path is a choice of groups and keys:
   square_composite  PSPC-Square (Eq. 11): all (sh x sw) crop locations of the image, keys unfolded from
                     the uint8 store (strided views, cached per size); the full-image crop is the
                     optimal denoiser D* (Eq. 6-7), `empirical_mean`.
@@ -27,8 +33,9 @@ for K-term dot products, plus one rounding of each operand):
 `logit_dtype` takes float32 only where delta <= LOGIT_TOL for every query, else float64 (u = 2^-53, so
 delta stays below LOGIT_TOL for every t >= 0.002 up to d ~ 10^3). Logit errors <= delta perturb each
 normalised weight by a factor in [e^-2delta, e^2delta], so every patch mean is within
-(e^(2 delta) - 1) * 2 of the exact one (pixels in [-1, 1]): <= 4e-6 at LOGIT_TOL = 1e-6. Running max,
-normaliser and accumulators are kept per chunk in the logit dtype and combined in float64. Terms below
+(e^(2 delta) - 1) * 2 of the exact one (pixels in [-1, 1]): <= 4e-6 at LOGIT_TOL = 1e-6. The fused
+path computes everything in the logit dtype; the tiles compute weights and means as float32 GEMMs.
+Running max, normaliser and accumulators are combined across chunks in float64. Terms below
 e^-80 of the running max are dropped (`EXP_FLOOR`): a mean moves by < 2 n e^-80 (n keys), nothing here.
 """
 from __future__ import annotations
@@ -47,6 +54,9 @@ from .store import TrainingSet
 # memory, was 1.8x slower)
 KEYS_PER_TILE = 512
 TILE_ELEMENTS = 2 ** 20
+# the fused path: keys per chunk of the stream, and bytes of homogeneous keys per attention call
+KEYS_FUSED = 8192
+FUSED_KEY_BYTES = 2 ** 26
 CHUNK_ELEMENTS = 2 ** 24
 # largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
 LOGIT_TOL = 1e-6
@@ -160,6 +170,11 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     return out
 
 
+def keys_per_chunk(device) -> int:
+    """Keys per chunk of a first pass: long chunks for the fused kernel, tile-sized for the GEMM tiles."""
+    return KEYS_FUSED if fused_available(device) else KEYS_PER_TILE
+
+
 def fused_available(device) -> bool:
     """Whether the fused CPU attention kernel (torch's flash attention for CPU, which also returns the log
     normaliser) can serve a call: CPU tensors and the op present in this torch."""
@@ -188,19 +203,36 @@ def _flash_posterior(q: torch.Tensor, chunks, d: int):
     ([G, b, n]) enter as its additive mask. Returns (mean [G, b, d] float64, lse [G, b] float64 with the
     row constant sum(z)/t^2 still in)."""
     g, b, _ = q.shape
-    mean = lse = None
+    mean = torch.zeros(g, b, d, dtype=torch.float64, device=q.device)
+    lse = torch.full((g, b), -math.inf, dtype=torch.float64, device=q.device)
     for _, ch in chunks():
-        row_w = ch.log_w is not None and ch.log_w.ndim == 3
-        k = _keys(ch.u, ch.sq, None if row_w else ch.log_w, q.dtype)[:, None]
-        mask = ch.log_w[:, None].to(q.dtype) if row_w else None
-        out, part = _FLASH_CPU(q[:, None], k, k, 0.0, False, attn_mask=mask, scale=1.0)[:2]
-        part = part[:, 0].to(torch.float64)
-        if ch.log_w is not None:  # the fused kernel reports lse 0 for a row whose keys are all excluded
-            lw = ch.log_w if row_w else ch.log_w[:, None].expand(g, b, -1)
-            part = part.masked_fill(~torch.isfinite(lw).any(-1), -math.inf)
-        m_part = out[:, 0, :, :d].to(torch.float64)  # the mean of u (0..255)
-        mean, lse = (m_part, part) if mean is None else merge(mean, lse, m_part, part)
+        n = ch.u.shape[1]
+        gt = max(1, FUSED_KEY_BYTES // (n * (d + 3) * q.element_size()))  # groups a call: bounded key memory
+        for g0 in range(0, g, gt):
+            sl = slice(g0, min(g0 + gt, g))
+            m_part, part = _flash_call(q[sl], ch.u[sl], ch.sq[sl], None if ch.log_w is None else
+                                       ch.log_w[sl] if len(ch.log_w) == g else ch.log_w, d)
+            mean[sl], lse[sl] = merge(mean[sl], lse[sl], m_part, part)
     return mean / 127.5 - 1, lse
+
+
+def _flash_call(q, u, sq, log_w, d):
+    """One fused attention call: (mean of u [g, b, d] float64, lse [g, b] float64) of queries q [g, b, d+3]
+    over keys u [g, n, d]; per-query terms (log weights [g, b, n], per-row crop norms sq [g, b, n]) form
+    the additive mask."""
+    g, b = q.shape[:2]
+    row_w, row_sq = log_w is not None and log_w.ndim == 3, sq.ndim == 3
+    k = _keys(u, sq.new_zeros(()).expand(g, u.shape[1]) if row_sq else sq, None if row_w else log_w, q.dtype)
+    mask = None
+    if row_w or row_sq:
+        mask = (log_w if row_w else 0) + (sq * (-0.5 * q[..., d + 1:d + 2].to(torch.float64)) if row_sq else 0)
+        mask = mask[:, None].to(q.dtype)
+    out, part = _FLASH_CPU(q[:, None], k[:, None], k[:, None], 0.0, False, attn_mask=mask, scale=1.0)[:2]
+    part = part[:, 0].to(torch.float64)
+    if log_w is not None:  # the fused kernel reports lse 0 for a row whose keys are all excluded
+        lw = log_w if row_w else log_w[:, None].expand(g, b, -1)
+        part = part.masked_fill(~torch.isfinite(lw).any(-1), -math.inf)
+    return out[:, 0, :, :d].to(torch.float64), part
 
 
 def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
@@ -367,7 +399,7 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     this crop set's). log_w [N] (stored images; flips share their original's): per-image log weights.
     on_weights(start, a [B, n, H, W]) sees the per-pixel weights a_i[p] = (1/#crops covering p)
     sum_{C covers p} w_i(C) of virtual images start..start+n (attribution); sum_i a_i[p] = 1.
-    dtype: the kernel precision (see `patch_posterior`); chunk: keys per chunk (default KEYS_PER_TILE).
+    dtype: the kernel precision (see `patch_posterior`); chunk: keys per chunk (default `keys_per_chunk`).
     """
     sw = sh if sw is None else sw
     b, c, h, w = z.shape
@@ -381,7 +413,7 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     t2 = torch.cat([t, t]) if data.xflip else t
     dtype = dtype or logit_dtype(q, t2, q.shape[-1], _finite_max_abs(log_w))
     lw = None if log_w is None else log_w.to(z.device)
-    chunks = stored_key_chunks(u8, sq, chunk or KEYS_PER_TILE, lw)
+    chunks = stored_key_chunks(u8, sq, chunk or keys_per_chunk(z.device), lw)
     mean, lse = patch_posterior(q, t2, chunks, dtype)
     mirror = torch.arange(len(q), device=z.device).view(r1 - r0, gw).flip(1).flatten()
     if data.xflip:
@@ -392,7 +424,8 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     out = torch.zeros(b, c, h, w, dtype=torch.float64, device=z.device)
     out[:, :, r0:r1 - 1 + sh] = _fold(mean, c, r1 - 1 + sh - r0, w, sh, sw)
     if on_weights is not None:
-        _square_weights(q, t2, chunks, lse, mirror, b, data, (r0, r1), sh, sw, h, w, cov, on_weights, dtype)
+        _square_weights(q, t2, stored_key_chunks(u8, sq, KEYS_PER_TILE, lw), lse, mirror, b, data, (r0, r1),
+                        sh, sw, h, w, cov, on_weights, dtype)
     return (out / cov.to(out)).to(torch.float32)
 
 
@@ -483,7 +516,7 @@ def posterior_mean(z: torch.Tensor, t, data: TrainingSet, mask: torch.Tensor | N
     pix = mask.flatten().nonzero().flatten()[None].to(z.device)
     if pix.shape[1] == 0:
         raise ValueError("empty mask")
-    q, chunks = _gathered(z, data, pix, KEYS_PER_TILE)
+    q, chunks = _gathered(z, data, pix, keys_per_chunk(z.device))
     mean, lse = patch_posterior(q, t, chunks, dtype)
     out = torch.zeros(b, c, h * w, dtype=torch.float32, device=z.device)
     out[:, :, pix[0]] = mean[0].view(b, c, -1).to(torch.float32)
@@ -507,7 +540,7 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
     for size in sizes.unique().tolist():
         sel = (sizes == size).nonzero().flatten()
         pix = flat[sel].nonzero()[:, 1].view(len(sel), size)  # [G, m] pixel indices, row-major
-        q, chunks = _gathered(z, data, pix, chunk or KEYS_PER_TILE)
+        q, chunks = _gathered(z, data, pix, chunk or keys_per_chunk(z.device))
         dt = dtype or logit_dtype(q, t, q.shape[-1])
         mean, lse = patch_posterior(q, t, chunks, dt)
         # each crop's mean back onto its pixels
@@ -518,7 +551,7 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
                 a = torch.zeros(bb, n, h * w, dtype=torch.float64, device=z.device)
                 a.index_add_(2, pix.flatten(), wts.permute(1, 2, 0).repeat_interleave(size, 2))
                 on_weights(start, (a / cov.flatten()).view(bb, n, h, w))
-            posterior_weights_pass(q, t, chunks, lse, hook, dt)
+            posterior_weights_pass(q, t, _gathered(z, data, pix, KEYS_PER_TILE)[1], lse, hook, dt)
     return (out.view(b, c, h, w) / cov).to(torch.float32)
 
 
