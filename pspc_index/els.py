@@ -110,3 +110,39 @@ def els_mean(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, k: int, bounda
             cen = mean.reshape(g * qb, d)[:len(q), centre].view(y1 - y0, x1 - x0, b, c)
             out[:, :, y0:y1, x0:x1] = cen.permute(2, 3, 0, 1).to(torch.float32)
     return out
+
+
+def r_squared(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Coefficient of determination of each image of pred against ref over its pixels (all channels):
+    r^2 = 1 - sum_p (pred_p - ref_p)^2 / sum_p (ref_p - mean_p ref)^2. pred, ref [B, ...] -> float64 [B]."""
+    pred, ref = pred.flatten(1).double(), ref.flatten(1).double()
+    sst = ((ref - ref.mean(1, keepdim=True)) ** 2).sum(1)
+    return 1 - ((pred - ref) ** 2).sum(1) / sst
+
+
+def calibrate_k(network, data: TrainingSet, ts, ks, n_z: int = 16, max_images: int | None = 100, seed: int = 0,
+                boundary: str = "broken") -> list[dict]:
+    """ELS window k(t) calibrated against a network as Kamb & Ganguli do: per noise level, the odd k whose
+    ELS output has the highest median similarity to the network's (here r^2, `r_squared`, over n_z
+    forward-process z = x + t eps, x drawn from `data`, flips included; seeded per t).
+
+    network: a denoiser called as network(z, t) (e.g. denoisers.Network); ts: noise levels (EDM sigma);
+    ks: odd candidate windows (k >= 2 max(H, W) - 1 is the optimal denoiser over the pool); max_images: the
+    ELS pool (`denoisers.ELS`). Returns per t {t, k (best), median_r2 {k: value}, median_cos {k: value}}."""
+    from .denoisers import ELS
+
+    rows = []
+    for i, t in enumerate(torch.as_tensor(ts, dtype=torch.float64).tolist()):
+        # 1. forward-process queries and the network's outputs
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        x = data.get(torch.randint(0, len(data), (n_z,), generator=g))
+        z = x + t * torch.randn(x.shape, generator=g)
+        ref = network(z, t)
+        # 2. ELS at every candidate k; median similarity over the z
+        r2, cos = {}, {}
+        for k in ks:
+            out = ELS(data, k=k, boundary=boundary, max_images=max_images, seed=seed)(z, t)
+            r2[k] = float(r_squared(out, ref).median())
+            cos[k] = float(torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).median())
+        rows.append(dict(t=t, k=max(r2, key=r2.get), median_r2=r2, median_cos=cos))
+    return rows

@@ -145,8 +145,8 @@ def section_loop(a, done):
         yield {"section": "loop", "s": s, "positions": (res - s + 1) ** 2, "exact_s": round(t_cert, 3),
                "exact_float32_s": round(t_f32, 3), "gemm_tiles_s": round(t_tiles, 3), "loop_s": round(t_loop, 3),
                "floor_s": round(t_floor, 4),
-               "loop_threads": 1, "speedup": round(t_loop / t_cert, 1), "vs_floor": round(t_cert / t_floor, 2),
-               "float32_vs_floor": round(t_f32 / t_floor, 2), "max_abs_diff": float((fast - slow).abs().max())}
+               "loop_threads": 1, "speedup": round(t_loop / t_cert, 1), "vs_floor": round(t_cert / max(t_floor, 1e-6), 2),
+               "float32_vs_floor": round(t_f32 / max(t_floor, 1e-6), 2), "max_abs_diff": float((fast - slow).abs().max())}
 
 
 def section_full(a, done):

@@ -1,18 +1,23 @@
-"""Evaluate PSPC denoisers against the Fashion-MNIST network (Niedoba et al. 2025, Sec. 4 / digest item 12).
+"""Evaluate the training-free denoisers against the Fashion-MNIST network (Niedoba et al. 2025, Sec. 4; issue 12).
 
-Writes docs/results.md (tables, verdicts) and PNG plots into --out. Everything is seeded. results.md is
-rewritten after every section, so a run cut short still leaves the finished sections (the rest say "not run").
+Writes results.md (tables, verdicts), results.json and PNG plots into --out. Everything is seeded. Every
+section is resumable: each unit of work (a denoiser on a batch of z at one t, a batch of samples, one
+trajectory set) is saved under <out>/eval_state/ when it finishes, so a killed run continues where it
+stopped when started again with the same arguments; results.md is rewritten after every unit group.
 
-    python tools/evaluate.py --quick            # smoke run, < 1 min
-    python tools/evaluate.py                    # defaults: 6000 stored images (12,000 with flips), 48 z / t, 32 samples
+    python tools/evaluate.py --quick --out /tmp/ev     # smoke run, < 1 min
+    python tools/evaluate.py                           # all 60,000 images (+ flips), 256 z / t, 64 + 256 samples
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pspc_index.denoisers import CFDM, Empirical, Gaussian, Network, PSPCFlex, PSPCSquare  # noqa: E402
+from pspc_index.denoisers import CFDM, ELS, Empirical, Gaussian, Network, PSPCFlex, PSPCSquare  # noqa: E402
+from pspc_index.els import r_squared  # noqa: E402
 from pspc_index.ingest import read_source  # noqa: E402
 from pspc_index.network import load_network  # noqa: E402
 from pspc_index.sampler import initial_noise, pf_ode_sample  # noqa: E402
@@ -30,8 +36,10 @@ from pspc_index.sensitivity import read_heatmaps  # noqa: E402
 from pspc_index.store import TrainingSet  # noqa: E402
 
 SIZES = (3, 5, 7, 9, 13, 21, 28)
-DEN_NAMES = ["optimal", "gaussian", "cfdm", "pspc-square", "pspc-flex"]
+DEN_NAMES = ["optimal", "gaussian", "cfdm", "els", "pspc-square", "pspc-flex"]
+SECTIONS = ("cost", "forward", "identity", "reverse", "els_subset", "samples")
 H = 28
+MID = (0.3, 3.5)  # the middle t range of verdicts (ii), (iii), (vi)
 
 
 def mse(a, b):
@@ -39,21 +47,42 @@ def mse(a, b):
     return ((a.double() - b.double()) ** 2).flatten(1).mean(1)
 
 
+def summary(per_z: dict) -> dict:
+    """Per-z MSE and r^2 tensors -> mean, standard error over z, r^2 mean and median."""
+    m, r = per_z["mse"], per_z["r2"]
+    return dict(mse=m.mean().item(), se=(m.std() / math.sqrt(len(m))).item() if len(m) > 1 else 0.0,
+                r2=r.mean().item(), r2_median=r.median().item())
 
-def mse_row(outs: dict, net: torch.Tensor, **fields) -> dict:
-    """One table row: per denoiser, mean MSE against the network and its standard error over z."""
-    row = dict(fields)
-    for k in DEN_NAMES:
-        m = mse(outs[k], net)
-        row[k] = m.mean().item()
-        row[k + "_se"] = (m.std() / math.sqrt(len(m))).item()
-    return row
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed_call(fn):
+    """(result, seconds, peak RSS increase in bytes over the call, sampled every 2 ms by a thread)."""
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    out = fn()
+    sec = time.perf_counter() - t0
+    done.set()
+    th.join()
+    return out, sec, max(peak[0], rss_bytes()) - base
+
 
 class Eval:
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.state = Path(args.state) if args.state else self.out / "eval_state"
         self.t_start = time.time()
         self.res: dict = {"timings": {}}
         self.sched = FASHION_MNIST
@@ -67,27 +96,119 @@ class Eval:
             self.small_idx = self.small_idx[::4]
         self.fwd_idx = sorted(self.big_idx + self.small_idx)
 
+    # ------------------------------------------------------------------ resumable units
+    def open_state(self):
+        """The state folder: created with a config record, or resumed only with the same settings."""
+        a = self.args
+        cfg = dict(n_data=a.n_data, n_z=a.n_z, n_z_study=a.n_z_study, n_rev=a.n_rev, n_samples=a.n_samples,
+                   els_images=a.els_images, batch=a.batch, seed=a.seed, quick=a.quick)
+        rec = self.state / "config.json"
+        if rec.exists() and json.loads(rec.read_text()) != cfg:
+            if not a.restart:
+                sys.exit(f"evaluate: {self.state} holds a run with other settings "
+                         f"({rec.read_text().strip()}); use another --state/--out, or --restart to discard it")
+            shutil.rmtree(self.state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        rec.write_text(json.dumps(cfg))
+
+    def unit(self, key: str, fn):
+        """fn() -> dict of tensors/numbers, computed once: saved as <state>/<key>.pt (atomically, with its
+        compute seconds under "_s") and loaded on every later call, in this run or a resumed one."""
+        path = self.state / f"{key}.pt"
+        if path.exists():
+            return torch.load(path)
+        t0 = time.time()
+        val = fn()
+        val["_s"] = time.time() - t0
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(val, tmp)
+        os.replace(tmp, path)
+        return val
+
+    def batches(self, n: int):
+        b = self.args.batch
+        return [(j, slice(j * b, min((j + 1) * b, n))) for j in range(-(-n // b))]
+
+    def per_z(self, key: str, name: str, z, t, ref, keep=False, opt=None):
+        """A denoiser's per-z MSE and r^2 against ref over all z, in resumable batches; keep: also the
+        outputs (as "out"); opt: also the MSE against these outputs (as "vs_opt")."""
+        parts = []
+        for j, sl in self.batches(len(z)):
+            def run(sl=sl):
+                d = self.den(name)(z[sl], t)
+                v = dict(mse=mse(d, ref[sl]), r2=r_squared(d, ref[sl]))
+                if keep:
+                    v["out"] = d
+                if opt is not None:
+                    v["vs_opt"] = mse(d, opt[sl])
+                return v
+            parts.append(self.unit(f"{key}_b{j}", run))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "_s"}
+
+    def seconds(self, prefix: str) -> float:
+        """Compute seconds of every saved unit of a section (this run and earlier ones)."""
+        return sum(torch.load(p)["_s"] for p in self.state.glob(f"{prefix}*.pt"))
+
     # ------------------------------------------------------------------ setup
     def setup(self):
         a = self.args
         imgs = read_source("fashion-mnist").images
-        g = torch.Generator().manual_seed(a.seed)
-        keep = torch.randperm(len(imgs), generator=g)[: a.n_data].sort().values
+        keep = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(a.seed))[: a.n_data].sort().values
         self.data = TrainingSet(torch.from_numpy(np.ascontiguousarray(imgs[keep.numpy()])), xflip=True)
-        maps, hts, _ = read_heatmaps("data/heatmaps/fmnist-unet.zarr")
-        self.maps, self.hts = maps, hts
+        self.maps, self.hts, _ = read_heatmaps("data/heatmaps/fmnist-unet.zarr")
         self.net = Network(load_network("data/network/fmnist-unet"), (1, H, H))
-        self.dens = {
-            "optimal": Empirical(self.data),
-            "gaussian": Gaussian(self.data),
-            "cfdm": CFDM(self.data),
-            "pspc-square": PSPCSquare(self.data, schedule=self.sched),
-            "pspc-flex": PSPCFlex(self.data, maps, hts, schedule=self.sched),
-        }
-        self.res["setup"] = dict(n_stored=a.n_data, n_virtual=len(self.data), n_z=a.n_z,
-                                 n_samples=a.n_samples, seed=a.seed, quick=a.quick,
-                                 threads=torch.get_num_threads(), argv=sys.argv[1:],
+        self._dens = {}
+        self.res["setup"] = dict(n_stored=len(keep), n_virtual=len(self.data), n_z=a.n_z, n_z_study=a.n_z_study,
+                                 n_rev=a.n_rev, n_samples=a.n_samples, els_images=a.els_images, batch=a.batch,
+                                 seed=a.seed, quick=a.quick, threads=torch.get_num_threads(), argv=sys.argv[1:],
                                  reduced_note=a.reduced_note)
+
+    def den(self, name: str):
+        """The named denoiser (made on first use: the Gaussian's eigendecomposition takes a while)."""
+        if name not in self._dens:
+            make = {"network": lambda: self.net, "optimal": lambda: Empirical(self.data),
+                    "gaussian": lambda: Gaussian(self.data), "cfdm": lambda: CFDM(self.data),
+                    "els": lambda: ELS(self.data, schedule=self.sched, max_images=self.args.els_images,
+                                       seed=self.args.seed),
+                    "pspc-square": lambda: PSPCSquare(self.data, schedule=self.sched),
+                    "pspc-flex": lambda: PSPCFlex(self.data, self.maps, self.hts, schedule=self.sched)}
+            if name.startswith(("square-", "els-m")):
+                return self.den_extra(name)
+            self._dens[name] = make[name]()
+        return self._dens[name]
+
+    def den_extra(self, name: str):
+        """Denoisers of the studies, made per use: square-S (PSPC-Square at fixed S), els-mM (ELS pool M)."""
+        if name.startswith("square-"):
+            return PSPCSquare(self.data, patch_size=int(name[7:]))
+        return ELS(self.data, schedule=self.sched, max_images=int(name[5:]), seed=self.args.seed)
+
+    def row(self, pz: dict, **fields) -> dict:
+        """One table row: per denoiser, mean MSE against the network, its standard error over z, mean r^2."""
+        row = dict(fields)
+        for k, v in pz.items():
+            s = summary(v)
+            row[k], row[k + "_se"], row[k + "_r2"], row[k + "_r2_median"] = s["mse"], s["se"], s["r2"], s["r2_median"]
+        return row
+
+    # ------------------------------------------------------------------ cost per call (GoldDiff columns)
+    def cost(self):
+        """Seconds and peak memory of one call per denoiser at B = --cost-batch, mid t (patch caches warm)."""
+        i = self.small_idx[len(self.small_idx) // 2]
+        t = float(self.grid[i])
+        g = torch.Generator().manual_seed(self.args.seed * 1000 + 5)
+        x = self.data.get(torch.randint(0, len(self.data), (self.args.cost_batch,), generator=g))
+        z = x + t * torch.randn(x.shape, generator=g)
+        rows = []
+        for name in ["network"] + DEN_NAMES:
+            def run(name=name):
+                d = self.den(name)
+                d(z[:1], t)  # warm-up: builds the unfolded-patch caches the timed call then reuses
+                _, sec, mem = timed_call(lambda: d(z, t))
+                return dict(seconds=sec, peak_bytes=float(mem), rss_before=float(rss_bytes()))
+            rows.append(dict(name=name, **{k: v for k, v in self.unit(f"cost_{name}", run).items() if k != "_s"}))
+            print(f"[cost] {name}: {rows[-1]['seconds']:.2f} s, +{rows[-1]['peak_bytes'] / 2 ** 20:.0f} MiB", flush=True)
+        self.res["cost"] = dict(t=t, batch=len(z), rows=rows)
 
     # ------------------------------------------------------------------ 1 + 3a: forward process
     def forward_z(self, i):
@@ -99,83 +220,125 @@ class Eval:
 
     def forward(self):
         rows, study = [], []
+        ns = self.args.n_z_study
         for i in self.fwd_idx:
             t, z = self.forward_z(i)
-            net = self.net(z, t)
-            outs = {k: self.dens[k](z, t) for k in ("optimal", "gaussian", "cfdm")}
-            s_t = int(self.sched.patch_sizes[i])
+            net = self.unit(f"fwd_t{i:02d}_network", lambda: dict(out=self.net(z, t)))["out"]
+            opt = self.per_z(f"fwd_t{i:02d}_optimal", "optimal", z, t, net, keep=True)
+            pz = {"optimal": opt}
+            for name in ("gaussian", "cfdm", "els"):
+                pz[name] = self.per_z(f"fwd_t{i:02d}_{name}", name, z, t, net)
+            s_t, lam = int(self.sched.patch_sizes[i]), float(self.sched.lambdas[i])
             if i in self.small_idx:
-                sq = {s: (outs["optimal"] if s == H else PSPCSquare(self.data, patch_size=s)(z, t)) for s in SIZES}
-                for s in SIZES:
-                    study.append(dict(i=i, t=t, s=s, vs_opt=mse(sq[s], outs["optimal"]).mean().item(),
-                                      vs_net=mse(sq[s], net).mean().item()))
-                outs["pspc-square"] = sq[s_t]  # identical to PSPCSquare(schedule) at this grid t
-            else:
-                outs["pspc-square"] = self.dens["pspc-square"](z, t)
-            outs["pspc-flex"] = self.dens["pspc-flex"](z, t)
-            row = mse_row(outs, net, i=i, t=t, s=s_t, lam=float(self.sched.lambdas[i]), net_vs_x0=None)
-            rows.append(row)
-            print(f"[fwd] t={t:.4g} " + " ".join(f"{k}={row[k]:.4g}" for k in DEN_NAMES), flush=True)
-        self.res["forward"] = rows
-        self.res["study_fwd"] = study
+                for s in SIZES:  # the study's first ns z share their batches with the pspc-square row's
+                    st = opt if s == H else self.per_z(f"fwd_t{i:02d}_square{s}", f"square-{s}", z[:ns], t, net[:ns],
+                                                       opt=opt["out"][:ns])
+                    study.append(dict(i=i, t=t, s=s, vs_opt=0.0 if s == H else st["vs_opt"][:ns].mean().item(),
+                                      vs_net=st["mse"][:ns].mean().item()))
+                pz["pspc-square"] = self.per_z(f"fwd_t{i:02d}_square{s_t}", f"square-{s_t}", z, t, net,
+                                               opt=opt["out"])
+            else:  # s(t) = H: the one full-image crop, the optimal denoiser itself (section 4, verdict iv)
+                pz["pspc-square"] = opt
+            pz["pspc-flex"] = self.per_z(f"fwd_t{i:02d}_flex", "pspc-flex", z, t, net) if lam < 1 else opt
+            rows.append(self.row(pz, i=i, t=t, s=s_t, lam=lam))
+            print(f"[fwd] t={t:.4g} " + " ".join(f"{k}={rows[-1][k]:.4g}" for k in DEN_NAMES), flush=True)
+            self.res["forward"], self.res["study_fwd"] = rows, study
+            self.write(plots=False)
+        self.res["forward_seconds"] = {k: self.seconds(f"fwd_t*_{k}") for k in ("optimal", "gaussian", "cfdm", "els",
+                                                                                 "flex")}
 
     # ------------------------------------------------------------------ 2 + 3b: reverse process
     def reverse(self):
         a = self.args
-        z0 = initial_noise(a.seed + 1, range(a.n_samples), (1, H, H))
-        _, traj = pf_ode_sample(self.net, z0, steps=18, solver="heun", record=True)
+        z0 = initial_noise(a.seed + 1, range(a.n_rev), (1, H, H))
+
+        def trajectories():
+            _, tr = pf_ode_sample(self.net, z0, steps=18, solver="heun", record=True)
+            return dict(ts=tr.ts, z=tr.z, denoised=tr.denoised)
+        traj = self.unit("rev_traj", trajectories)
         rows, study = [], []
-        half = a.n_samples // 2
+        half = a.n_rev // 2
         steps = range(18) if not a.quick else list(range(0, 18, 3)) + [17]
         for i in steps:
-            t, z, net = float(traj.ts[i]), traj.z[i], traj.denoised[i]
-            outs = {k: self.dens[k](z, t) for k in ("optimal", "gaussian", "cfdm")}
-            s_t = int(self.sched.patch_sizes[i])
-            lam = float(self.sched.lambdas[i])
+            t, z, net = float(traj["ts"][i]), traj["z"][i], traj["denoised"][i]
+            opt = self.per_z(f"rev_t{i:02d}_optimal", "optimal", z, t, net, keep=True)
+            pz = {"optimal": opt}
+            for name in ("gaussian", "cfdm", "els"):
+                pz[name] = self.per_z(f"rev_t{i:02d}_{name}", name, z, t, net)
+            s_t, lam = int(self.sched.patch_sizes[i]), float(self.sched.lambdas[i])
             if lam < 1:
-                sq = {s: (outs["optimal"] if s == H else PSPCSquare(self.data, patch_size=s)(z, t)) for s in SIZES}
                 for s in SIZES:
-                    m = mse(sq[s], net)
+                    st = opt if s == H else self.per_z(f"rev_t{i:02d}_square{s}", f"square-{s}", z, t, net,
+                                                       opt=opt["out"])
+                    m = st["mse"]
                     study.append(dict(i=i, t=t, s=s, vs_net=m.mean().item(), vs_net_A=m[:half].mean().item(),
                                       vs_net_B=m[half:].mean().item(),
-                                      vs_opt=mse(sq[s], outs["optimal"]).mean().item()))
-                outs["pspc-square"] = sq[s_t]
+                                      vs_opt=0.0 if s == H else st["vs_opt"].mean().item()))
+                    if s == s_t:
+                        pz["pspc-square"] = st
             else:
-                outs["pspc-square"] = self.dens["pspc-square"](z, t)
-            outs["pspc-flex"] = self.dens["pspc-flex"](z, t)
-            row = mse_row(outs, net, i=i, t=t, s=s_t, lam=lam)
-            rows.append(row)
-            print(f"[rev] t={t:.4g} " + " ".join(f"{k}={row[k]:.4g}" for k in DEN_NAMES), flush=True)
-        self.res["reverse"] = rows
-        self.res["study_rev"] = study
+                pz["pspc-square"] = opt
+            pz["pspc-flex"] = self.per_z(f"rev_t{i:02d}_flex", "pspc-flex", z, t, net) if lam < 1 else opt
+            rows.append(self.row(pz, i=i, t=t, s=s_t, lam=lam))
+            print(f"[rev] t={t:.4g} " + " ".join(f"{k}={rows[-1][k]:.4g}" for k in DEN_NAMES), flush=True)
+            self.res["reverse"], self.res["study_rev"] = rows, study
+            self.write(plots=False)
 
     # ------------------------------------------------------------------ (iv) s = H, lambda = 1
     def identity_check(self):
-        out = []
-        ts_idx = [self.small_idx[0], self.small_idx[len(self.small_idx) // 2], self.small_idx[-1], self.big_idx[0]]
-        for i in ts_idx:
-            t, z = self.forward_z(i)
-            z = z[:8]
-            opt = self.dens["optimal"](z, t)
-            d_sq = (PSPCSquare(self.data, patch_size=H)(z, t) - opt).abs().max().item()
-            d_fx = (PSPCFlex(self.data, self.maps, self.hts, lam=1.0)(z, t) - opt).abs().max().item()
-            # lambda = 1 through the mask (composite) path too, not only the lam >= 1 shortcut
+        def run():
             from pspc_index.geometry import MaskCrops, flex_masks
             from pspc_index.posterior import composite_mean
-            j = int((self.hts - t).abs().argmin())
-            d_fx_masks = (composite_mean(z, t, self.data, MaskCrops(flex_masks(self.maps[j], 1.0))) - opt).abs().max().item()
-            out.append(dict(t=t, square_sH=d_sq, flex_lam1=d_fx, flex_lam1_masks=d_fx_masks))
-        self.res["identity"] = out
+            out = []
+            idx = (self.small_idx[0], self.small_idx[len(self.small_idx) // 2], self.small_idx[-1], self.big_idx[0])
+            for i in idx[1::2] if self.args.quick else idx:
+                t, z = self.forward_z(i)
+                z = z[:8]
+                opt = self.den("optimal")(z, t)
+                d_sq = (PSPCSquare(self.data, patch_size=H)(z, t) - opt).abs().max().item()
+                d_fx = (PSPCFlex(self.data, self.maps, self.hts, lam=1.0)(z, t) - opt).abs().max().item()
+                # lambda = 1 through the mask (composite) path too, not only the lam >= 1 shortcut; on 2 z and
+                # the first 100 images (an identity for any set; the path gathers 784 whole-image masks per key)
+                j = int((self.hts - t).abs().argmin())
+                masks = MaskCrops(flex_masks(self.maps[j], 1.0))
+                sub = self.data.subset(torch.arange(min(100, self.data.n_stored)))
+                d_fm = (composite_mean(z[:2], t, sub, masks) - Empirical(sub)(z[:2], t)).abs().max().item()
+                d_els = (ELS(self.data, k=2 * H - 1)(z, t) - opt).abs().max().item()
+                out.append(dict(t=t, square_sH=d_sq, flex_lam1=d_fx, flex_lam1_masks=d_fm, els_whole=d_els))
+            return dict(rows=out)
+        self.res["identity"] = self.unit("identity", run)["rows"]
+
+    # ------------------------------------------------------------------ ELS pool size
+    def els_subset(self):
+        """ELS MSE against the network for pools of m/4, m/2, m and 2m stored images at mid t: how much the
+        --els-images subset moves it (paired differences over the same z)."""
+        m, n = self.args.els_images, self.args.n_z_els_check
+        ms = sorted({max(1, m // 4), max(1, m // 2), m, 2 * m})
+        idx = [i for i in self.small_idx if MID[0] <= float(self.grid[i]) <= MID[1]][:3] or self.small_idx[:1]
+        rows = []
+        for i in idx:
+            t, z = self.forward_z(i)
+            net = self.unit(f"fwd_t{i:02d}_network", lambda: dict(out=self.net(z, t)))["out"]
+            per = {mm: self.per_z(f"elssub_t{i:02d}_m{mm}", f"els-m{mm}", z[:n], t, net[:n]) for mm in ms}
+            top = per[ms[-1]]["mse"]
+            for mm in ms:
+                d = per[mm]["mse"] - top
+                rows.append(dict(t=t, k=int(self.sched.els_size(t)), m=mm, **summary(per[mm]), diff=d.mean().item(),
+                                 diff_se=(d.std() / math.sqrt(len(d))).item() if len(d) > 1 else 0.0))
+        self.res["els_subset"] = rows
 
     # ------------------------------------------------------------------ 4: samples
     def samples(self):
         a = self.args
         z0 = initial_noise(a.seed + 2, range(a.n_samples), (1, H, H))
-        xs = {"network": pf_ode_sample(self.net, z0.clone(), steps=18, solver="euler")}
-        for k in DEN_NAMES:
-            t0 = time.time()
-            xs[k] = pf_ode_sample(self.dens[k], z0.clone(), steps=18, solver="euler")
-            print(f"[samples] {k} {time.time() - t0:.1f}s", flush=True)
+        xs = {}
+        for name in ["network"] + DEN_NAMES:
+            parts = [self.unit(f"smp_{name}_{sl.start}-{sl.stop}",
+                               lambda sl=sl: dict(x=pf_ode_sample(self.den(name), z0[sl].clone(), steps=18,
+                                                                  solver="euler")))
+                     for _, sl in self.batches(a.n_samples)]
+            xs[name] = torch.cat([p["x"] for p in parts])
+            print(f"[samples] {name} {sum(p['_s'] for p in parts):.1f}s", flush=True)
         names = list(xs)
         mu = self.data.get(torch.arange(len(self.data))).mean(0).flatten()
         cos_c, cos_u = np.zeros((len(names),) * 2), np.zeros((len(names),) * 2)
@@ -185,7 +348,6 @@ class Eval:
                 cos_u[p, q] = torch.nn.functional.cosine_similarity(xu, xv, dim=1).mean().item()
                 cos_c[p, q] = torch.nn.functional.cosine_similarity(xu - mu.double(), xv - mu.double(), dim=1).mean().item()
         self.res["samples"] = dict(names=names, cos_centered=cos_c.tolist(), cos_raw=cos_u.tolist())
-        torch.save(xs, self.out / "eval_samples.pt") if a.save_samples else None
         self._plot_samples(xs)
 
     # ------------------------------------------------------------------ plots
@@ -262,7 +424,7 @@ class Eval:
         for name, rows in (("forward", fwd), ("reverse", rev)):
             if not rows:
                 continue
-            mid = [r for r in rows if 0.3 <= r["t"] <= 3.5]
+            mid = [r for r in rows if MID[0] <= r["t"] <= MID[1]]
             n1 = sum(r["pspc-flex"] < r["pspc-square"] for r in mid)
             n2 = sum(r["pspc-square"] < r["optimal"] for r in mid)
             n3 = sum(r["pspc-flex"] < r["pspc-square"] < r["optimal"] for r in mid)
@@ -277,13 +439,21 @@ class Eval:
             v.append((f"(iii) PSPC beats Gaussian for t in [0.3, 3] ({name})",
                       m_sq == len(mid) and m_fx == len(mid) and len(mid) > 0,
                       f"PSPC-Square < Gaussian at {m_sq}/{len(mid)} t, PSPC-Flex < Gaussian at {m_fx}/{len(mid)} t. {det}"))
+            rivals = [r for r in mid if all(r[p] < min(r["els"], r["gaussian"]) for p in ("pspc-square", "pspc-flex"))]
+            det = "; ".join(f"t={r['t']:.3g}: sq {r['pspc-square']:.3g} / flex {r['pspc-flex']:.3g} / els "
+                            f"{r['els']:.3g} / gauss {r['gaussian']:.3g}" for r in mid)
+            v.append((f"(vi) PSPC-Square and PSPC-Flex below ELS and Gaussian vs network, t in [0.3, 3] ({name})",
+                      len(rivals) == len(mid) and len(mid) > 0, f"both PSPC below both rivals at {len(rivals)}/"
+                      f"{len(mid)} t. {det}"))
         if self.res.get("identity"):
             idn = self.res["identity"]
-            mx = max(max(r["square_sH"], r["flex_lam1"], r["flex_lam1_masks"]) for r in idn)
+            keys = ("square_sH", "flex_lam1", "flex_lam1_masks", "els_whole")
+            mx = max(r[k] for r in idn for k in keys)
             v.append(("(iv) s = H and lambda = 1 equal the optimal denoiser", mx < 1e-4,
                       f"max |diff| over {len(idn)} t x 8 z: square s=28 {max(r['square_sH'] for r in idn):.2e}, "
                       f"flex lam=1 {max(r['flex_lam1'] for r in idn):.2e}, flex lam=1 through the mask path "
-                      f"{max(r['flex_lam1_masks'] for r in idn):.2e} (tolerance 1e-4)"))
+                      f"{max(r['flex_lam1_masks'] for r in idn):.2e}; ELS with the whole-image window k = 55 "
+                      f"(full N) {max(r['els_whole'] for r in idn):.2e} (tolerance 1e-4)"))
         if self.res.get("samples"):
             s = self.res["samples"]
             nm = s["names"]
@@ -298,46 +468,69 @@ class Eval:
                       + "; raw cos: " + ", ".join(f"{k} {fr[k]:.3f}" for k in DEN_NAMES)))
         return v
 
-    def write(self, final=False):
-        self.res["timings"]["total_s"] = time.time() - self.t_start
+    def subsampling(self) -> list[str]:
+        """The first lines of results.md: every subsample of the run, and why."""
+        a, st = self.args, self.res.get("setup", {})
+        n = st.get("n_stored", a.n_data)
+        cost = {r["name"]: r for r in self.res.get("cost", {}).get("rows", [])}
+        lines = [f"- Training set D: {'all 60,000' if n >= 60000 else f'a seeded random subset of {n} of the 60,000'} "
+                 f"Fashion-MNIST training images with x-flips ({2 * n} images) for the optimal, Gaussian, CFDM, "
+                 "PSPC-Square and PSPC-Flex denoisers (the network was trained on all 60,000)"
+                 + ("." if n >= 60000 else f"; why: {a.reduced_note or 'reduced by --n-data'}.")]
+        why = "a call costs ~ B N (H-k+1)^2 (W-k+1)^2 k^2 multiply-adds (every pooled patch at every pixel)"
+        if "els" in cost:
+            c = cost["els"]
+            full = c["seconds"] * 60000 / a.els_images / 3600
+            why += (f"; measured {c['seconds']:.1f} s per call at B = {self.res['cost']['batch']} with this pool, "
+                    f"so ~{full:.0f} h per call with all 60,000")
+        lines.append(f"- ELS pools the patches of a seeded random subset of {a.els_images} stored images (+ flips), "
+                     f"because {why}. Section 5 shows how its MSE moves with the pool size.")
+        if a.n_z_study < a.n_z:
+            lines.append(f"- The patch-size study (section 3, forward z) uses the first {a.n_z_study} of the {a.n_z} z "
+                         "per t (each size is a full PSPC-Square pass).")
+        if a.quick:
+            lines.append("- QUICK smoke run: tiny sizes throughout; no number here is evidence.")
+        if a.reduced_note and n >= 60000:
+            lines.append(f"- {a.reduced_note}")
+        return lines
+
+    def write(self, final=False, plots=True):
+        self.res["timings"] = {s: self.seconds(p) for s, p in (("cost", "cost_"), ("forward", "fwd_"),
+                               ("identity", "identity"), ("reverse", "rev_"), ("els_subset", "elssub_"),
+                               ("samples", "smp_"))}
+        self.res["timings"]["this_run_wall_s"] = time.time() - self.t_start
         (self.out / "results.json").write_text(json.dumps(self.res, indent=1))
         try:
-            self.plots()
+            if plots:
+                self.plots()
         except Exception as e:  # a plot failing must not lose the tables
             print(f"plot failed: {e}", flush=True)
-        a, st = self.args, self.res.get("setup", {})
-        L = ["# PSPC evaluation on Fashion-MNIST (tools/evaluate.py)", ""]
-        L.append(f"Status: {'complete' if final else 'PARTIAL (run in progress or cut short)'}. "
-                 f"Wall time {self.res['timings']['total_s']:.0f} s; per section: "
-                 + ", ".join(f"{k} {v:.0f} s" for k, v in self.res["timings"].items() if k != "total_s") + ".")
-        L.append("")
+        st = self.res.get("setup", {})
+        L = ["# PSPC evaluation on Fashion-MNIST (tools/evaluate.py)", "", "**Subsampling.**", ""] + self.subsampling()
+        L += ["", f"Status: {'complete' if final else 'PARTIAL (run in progress or cut short; rerun the same command to continue)'}. "
+              "Compute seconds per section (summed over resumed runs): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in self.res["timings"].items() if k != "this_run_wall_s") + "."]
         argv = list(st.get("argv", sys.argv[1:]))
         if "--reduced-note" in argv:
             k = argv.index("--reduced-note")
             argv[k + 1:k + 2] = ["'...'"]
-        L.append(f"Command: `python tools/evaluate.py {' '.join(argv)}`; torch {torch.__version__}, "
-                 f"{st.get('threads')} thread(s), CPU ({platform.machine()}).")
-        L.append("")
-        L.append("**Subsampling.** The training set D is a seeded random subset of "
-                 f"N = {st.get('n_stored')} stored Fashion-MNIST training images, i.e. {st.get('n_virtual')} with "
-                 "x-flips; every empirical/patch/Gaussian/CFDM denoiser uses this set (the network was trained on "
-                 f"all 60,000). Forward process: {st.get('n_z')} z per t (x uniform over the {st.get('n_virtual')}, "
-                 f"z = x + t eps). Reverse process and samples: {st.get('n_samples')} trajectories / samples each. "
-                 "A smaller D makes the optimal denoiser memorise more strongly than with the full set, which "
-                 "inflates every optimal-vs-network MSE; the shapes and orderings are the target, not the values.")
-        note = a.reduced_note or st.get("reduced_note", "")
-        if note:
-            L.append("")
-            L.append(f"**Reduced sizes.** {note}")
-        L.append("")
-        L.append("MSE: mean over the 784 pixels in [-1, 1] units, averaged over z (± is the standard error over z). "
-                 "Network = the shipped `data/network/fmnist-unet` (EDM-preconditioned UNet). PSPC-Square uses the "
-                 "shipped FASHION_MNIST schedule s(t); PSPC-Flex the shipped heatmaps with the schedule's lambda(t). "
-                 "CFDM: sigma_s = 0.1, M = 16. At t >= 8.4 s(t) = 28 and lambda(t) = 1, so both PSPC variants "
-                 "are the optimal denoiser there.")
-        L.append("")
-        L.append("## Verdicts")
-        L.append("")
+        L += ["", f"Command: `python tools/evaluate.py {' '.join(argv)}`; torch {torch.__version__}, "
+              f"{st.get('threads')} thread(s), CPU ({platform.machine()}). Forward process: {st.get('n_z')} z per t "
+              f"(x uniform over D, z = x + t eps); reverse process: {st.get('n_rev')} network Heun trajectories; "
+              f"samples: {st.get('n_samples')} shared-noise Euler samples per denoiser.", "",
+              "MSE: mean over the 784 pixels in [-1, 1] units, averaged over z (± is the standard error over z). "
+              "r^2: coefficient of determination of a denoiser's output against the network's, per image over its "
+              "784 pixels, r^2 = 1 - sum_p (D_p - N_p)^2 / sum_p (N_p - mean_p N)^2 (SSE over SST of the network "
+              "output about its own pixel mean), averaged over z. Network = the shipped `data/network/fmnist-unet` "
+              "(EDM-preconditioned U-Net, zero padding). PSPC-Square uses the shipped FASHION_MNIST schedule s(t); "
+              "PSPC-Flex the shipped heatmaps with the schedule's lambda(t); where s(t) = 28 or lambda(t) = 1 both "
+              "are the optimal denoiser and its numbers are reused. CFDM: sigma_s = 0.1, M = 16. ELS: Kamb & "
+              "Ganguli's boundary-broken equivariant local score machine (pspc_index/els.py) with the schedule's "
+              f"window k(t) = {list(self.sched.els_size(self.grid).tolist())} on the grid (high t first"
+              + (", calibrated against the network by tools/calibrate_els.py)" if self.sched.els_sizes else
+                 ", derived from s(t): not yet calibrated)") + "."]
+        L += ["", "## Summary (GoldDiff-shaped)", ""] + self.summary_table()
+        L += ["", "## Verdicts", ""]
         for name, holds, det in self.verdicts():
             L.append(f"- **{name}: {'HOLDS' if holds else 'FAILS'}.** {det}")
         if not self.verdicts():
@@ -355,7 +548,55 @@ class Eval:
             for r in sorted(rows, key=lambda r: -r["t"]):
                 L.append(f"| {r['t']:.4g} | {r['s']} | {r['lam']:.1f} | "
                          + " | ".join(f"{r[k]:.4g} ± {r[k + '_se']:.1g}" for k in DEN_NAMES) + " |")
+            L += ["", "r^2 against the network (mean over z):", "", "| t | " + " | ".join(DEN_NAMES) + " |",
+                  "|---|" + "---|" * len(DEN_NAMES)]
+            for r in sorted(rows, key=lambda r: -r["t"]):
+                L.append(f"| {r['t']:.4g} | " + " | ".join(f"{r[k + '_r2']:.3f}" for k in DEN_NAMES) + " |")
             L += ["", f"![{key}]({fig})"]
+        L += self.study_md()
+        L += ["", "## 5. ELS pool size", ""]
+        es = self.res.get("els_subset")
+        if not es:
+            L.append("not run")
+        else:
+            L += [f"ELS MSE against the network on the first {self.args.n_z_els_check} forward z per t, for pools of m "
+                  "stored images (+ flips; seeded, nested draws of one permutation); 'change' is the paired mean "
+                  f"difference to the largest pool over the same z, ± its standard error. The run uses m = "
+                  f"{self.args.els_images}.", "", "| t | k(t) | m | MSE | r^2 | change vs largest m |",
+                  "|---|---|---|---|---|---|"]
+            for r in es:
+                L.append(f"| {r['t']:.4g} | {r['k']} | {r['m']} | {r['mse']:.4g} ± {r['se']:.1g} | {r['r2']:.3f} | "
+                         f"{r['diff']:+.2g} ± {r['diff_se']:.1g} |")
+        L += self.samples_md()
+        (self.out / "results.md").write_text("\n".join(L) + "\n")
+
+    def summary_table(self) -> list[str]:
+        """MSE and r^2 against the network averaged over the evaluated t (forward, reverse), seconds per call
+        and peak memory: the columns of GoldDiff's comparison table."""
+        fwd, rev = self.res.get("forward") or [], self.res.get("reverse") or []
+        cost = {r["name"]: r for r in self.res.get("cost", {}).get("rows", [])}
+        avg = lambda rows, k: f"{np.mean([r[k] for r in rows]):.4g}" if rows else "-"  # noqa: E731
+        b = self.res.get("cost", {}).get("batch", "-")
+        L = [f"Averages over the evaluated t ({len(fwd)} forward, {len(rev)} reverse); seconds and peak memory of "
+             f"one call at B = {b}, t = {self.res.get('cost', {}).get('t', float('nan')):.4g}, patch caches built "
+             "(peak memory: the largest resident-set increase during the call, sampled every 2 ms).", "",
+             "| denoiser | MSE fwd | r^2 fwd | MSE rev | r^2 rev | s / call | peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+        for k in DEN_NAMES + ["network"]:
+            c = cost.get(k)
+            mem = f"{c['peak_bytes'] / 2 ** 20:.0f}" if c else "-"
+            if k == "network":
+                L.append(f"| network (reference) | 0 | 1 | 0 | 1 | {c['seconds']:.3g} | {mem} |" if c else
+                         "| network (reference) | 0 | 1 | 0 | 1 | - | - |")
+                continue
+            L.append(f"| {k}{f' (pool {self.args.els_images})' if k == 'els' else ''} | {avg(fwd, k)} | "
+                     f"{avg(fwd, k + '_r2')} | {avg(rev, k)} | {avg(rev, k + '_r2')} | "
+                     f"{c['seconds']:.3g} | {mem} |" if c else f"| {k} | {avg(fwd, k)} | {avg(fwd, k + '_r2')} | "
+                     f"{avg(rev, k)} | {avg(rev, k + '_r2')} | - | - |")
+        return L
+
+    def study_md(self) -> list[str]:
+        L = []
         L += ["", "## 3. Patch-size study (square patch posterior means, composite Eq. 11)", ""]
         sf, sr = self.res.get("study_fwd"), self.res.get("study_rev")
         if not sf and not sr:
@@ -377,10 +618,10 @@ class Eval:
                 L.append(f"| {t:.4g} | " + " | ".join(f"{vals[s]:.4g}" for s in SIZES) + f" | {best} |")
             L.append("")
         if sr:
-            half = self.args.n_samples // 2
+            half = self.args.n_rev // 2
             L += [f"**Tuned Fashion-MNIST schedule (against the network, reverse z).** Best s per t chosen on "
                   f"trajectories 0..{half - 1} (half A); MSE reported on the held-out trajectories "
-                  f"{half}..{self.args.n_samples - 1} (half B), next to the shipped schedule's s(t) and the optimal "
+                  f"{half}..{self.args.n_rev - 1} (half B), next to the shipped schedule's s(t) and the optimal "
                   "denoiser on half B.", "",
                   "| t | tuned s (half A) | MSE tuned s (half B) | shipped s(t) | MSE shipped s (half B) | optimal (half B) |",
                   "|---|---|---|---|---|---|"]
@@ -396,6 +637,11 @@ class Eval:
             L += ["", f"Tuned s(t) over these t (descending): {tuned}; shipped: "
                   f"{[int(self.sched.patch_sizes[r]) for r in sorted({r['i'] for r in sr})]}.", "",
                   "![patch sizes](eval_patch_sizes.png)"]
+        return L
+
+    def samples_md(self) -> list[str]:
+        st = self.res.get("setup", {})
+        L = []
         L += ["", "## 4. Samples: Euler 18-step PF-ODE from shared noise", ""]
         s = self.res.get("samples")
         if not s:
@@ -415,53 +661,54 @@ class Eval:
                 L.append("")
             L.append("![samples](eval_samples.png)")
         L.append("")
-        (self.out / "results.md").write_text("\n".join(L) + "\n")
-
-    def timed(self, name, fn):
-        t0 = time.time()
-        fn()
-        self.res["timings"][name] = time.time() - t0
-        print(f"== {name} done in {self.res['timings'][name]:.0f} s", flush=True)
-        self.write()
+        return L
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-data", type=int, default=6000, help="stored training images subsampled (x2 with flips)")
-    p.add_argument("--n-z", type=int, default=48, help="forward-process z per t")
-    p.add_argument("--n-samples", type=int, default=32, help="reverse trajectories and Euler samples")
+    p.add_argument("--n-data", type=int, default=60000, help="stored training images (x2 with flips); < 60,000: "
+                   "a seeded subset")
+    p.add_argument("--n-z", type=int, default=256, help="forward-process z per t")
+    p.add_argument("--n-z-study", type=int, default=256, help="forward z per t of the patch-size study (the first ones)")
+    p.add_argument("--n-rev", type=int, default=64, help="reverse-process trajectories (network Heun)")
+    p.add_argument("--n-samples", type=int, default=256, help="shared-noise Euler samples per denoiser")
+    p.add_argument("--els-images", type=int, default=100, help="ELS pool: seeded subset of stored images (+ flips)")
+    p.add_argument("--n-z-els-check", type=int, default=32, help="forward z per t of the ELS pool-size check")
+    p.add_argument("--batch", type=int, default=64, help="z per denoiser call (and per resumable unit)")
+    p.add_argument("--cost-batch", type=int, default=64, help="B of the timed call per denoiser")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/")
-    p.add_argument("--save-samples", action="store_true")
+    p.add_argument("--state", default=None, help="resumable state folder (default <out>/eval_state)")
+    p.add_argument("--restart", action="store_true", help="discard a state folder made with other settings")
     p.add_argument("--reduced-note", default="", help="a sentence for results.md on why sizes were reduced")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: forward,reverse,identity,samples")
-    p.add_argument("--render-only", default="", help="rewrite results.md and plots from this results.json")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: " + ",".join(SECTIONS))
     a = p.parse_args()
-    if a.render_only:
-        res = json.loads(Path(a.render_only).read_text())
-        st = res["setup"]
-        a.n_data, a.n_z, a.n_samples, a.quick, a.seed = st["n_stored"], st["n_z"], st["n_samples"], st["quick"], st["seed"]
-        ev = Eval(a)
-        total = res["timings"].get("total_s", 0)
-        ev.res = res
-        ev.t_start = time.time() - total
-        ev.write(final=all(k in res for k in ("forward", "reverse", "samples", "identity")))
-        return
     if a.quick:
-        a.n_data, a.n_z, a.n_samples = min(a.n_data, 200), min(a.n_z, 4), min(a.n_samples, 4)
+        a.n_data, a.n_z, a.n_z_study, a.n_rev, a.n_samples = (min(a.n_data, 200), min(a.n_z, 4), min(a.n_z_study, 4),
+                                                              min(a.n_rev, 4), min(a.n_samples, 4))
+        a.els_images, a.n_z_els_check, a.batch, a.cost_batch = min(a.els_images, 8), min(a.n_z_els_check, 2), 4, 4
+    a.n_z_study = min(a.n_z_study, a.n_z)
     torch.set_num_threads(a.threads)
+    # weights far below the running max underflow to float32 denormals, which made the kernel's second GEMM
+    # 2.5x slower at small t (measured on ELS, t = 0.05); flushing them changes each mean by < 1e-37
+    torch.set_flush_denormal(True)
     torch.manual_seed(a.seed)
     ev = Eval(a)
+    ev.out.mkdir(parents=True, exist_ok=True)
+    ev.open_state()
     ev.setup()
     skip = set(filter(None, a.skip.split(",")))
     ev.write()
-    for name, fn in (("forward", ev.forward), ("identity", ev.identity_check), ("reverse", ev.reverse),
-                     ("samples", ev.samples)):
+    for name in SECTIONS:
         if name not in skip:
-            ev.timed(name, fn)
-    ev.write(final=True)
+            t0 = time.time()
+            {"cost": ev.cost, "forward": ev.forward, "identity": ev.identity_check, "reverse": ev.reverse,
+             "els_subset": ev.els_subset, "samples": ev.samples}[name]()
+            print(f"== {name} done in {time.time() - t0:.0f} s (this run)", flush=True)
+            ev.write()
+    ev.write(final=not skip)
     print((ev.out / "results.md").read_text())
 
 
