@@ -363,10 +363,22 @@ def exact_memory(data: TrainingSet, sizes, batch: int) -> int:
     return int(max(cache, max(b for b, _ in per)) + max(a for _, a in per) + tile)
 
 
-def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.Tensor | None = None):
+def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.Tensor | None = None,
+                      skip_excluded: bool = False):
     """chunks() over location-major patches u8 [G, N, d] (sq int32 [G, N] = 255^2 ||x||^2), n keys a
-    chunk; log_w [N] or None."""
+    chunk; log_w [N] or None. With `skip_excluded` and a quarter or more of the keys at log weight -inf
+    (a class-conditional set, say), only the others are gathered and streamed: a first pass does not
+    depend on key order, but `start` then no longer numbers the chunk's keys (no weights pass may use it)."""
+    keep = None
+    if skip_excluded and log_w is not None and int(torch.isinf(log_w).sum()) * 4 >= len(log_w):
+        keep = torch.isfinite(log_w).nonzero().flatten()
+
     def chunks():
+        if keep is not None:
+            for i in range(0, len(keep), n):
+                idx = keep[i:i + n]
+                yield i, KeyChunk(u8[:, idx], sq[:, idx].to(torch.float64) / 255.0 ** 2, log_w[None, idx])
+            return
         for i in range(0, u8.shape[1], n):
             lw = None if log_w is None else log_w[None, i:i + n]
             yield i, KeyChunk(u8[:, i:i + n], sq[:, i:i + n].to(torch.float64) / 255.0 ** 2, lw)
@@ -413,7 +425,7 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     t2 = torch.cat([t, t]) if data.xflip else t
     dtype = dtype or logit_dtype(q, t2, q.shape[-1], _finite_max_abs(log_w))
     lw = None if log_w is None else log_w.to(z.device)
-    chunks = stored_key_chunks(u8, sq, chunk or keys_per_chunk(z.device), lw)
+    chunks = stored_key_chunks(u8, sq, chunk or keys_per_chunk(z.device), lw, skip_excluded=True)
     mean, lse = patch_posterior(q, t2, chunks, dtype)
     mirror = torch.arange(len(q), device=z.device).view(r1 - r0, gw).flip(1).flatten()
     if data.xflip:

@@ -653,3 +653,23 @@ def test_posterior_mean_under_a_mask_matches_naive(t):
     assert ((log_z - want_lz).abs() / want_lz.abs().clamp_min(1)).max() <= 1e-6
     whole, _ = posterior_mean(z, t, data)
     assert (whole - empirical_mean(z, t, data)).abs().max() <= TOL
+
+
+def test_class_conditional_view_streams_only_its_images():
+    """With most images excluded the first pass gathers only the others: same result as the smaller store."""
+    full = data_for("rgb")
+    keep = [2, 7, 9]
+    view, small = full.without([i for i in range(N) if i not in keep]), TrainingSet(full.images[keep])
+    z, _ = queries(small, 0.3, "random")
+    for s in (2, 6):
+        got = PSPCSquare(view, patch_size=s)(z, 0.3)
+        assert (got - PSPCSquare(small, patch_size=s)(z, 0.3)).abs().max() <= TOL
+    grab = []
+    PSPCSquare(view, patch_size=3).patch_mean(z, torch.full((B,), 0.3, dtype=torch.float64), 3,
+                                            lambda rows, ids, a, win: grab.append((ids, a)))
+    total = torch.zeros(B, len(full))
+    for ids, a in grab:
+        total.scatter_add_(1, ids, a.sum((2, 3)).float())
+    assert torch.allclose(total.sum(1), torch.full((B,), 7.0 * 6.0), atol=1e-3)
+    gone = [i for i in range(len(full)) if i % N not in keep]
+    assert total[:, gone].abs().max() == 0
