@@ -38,6 +38,25 @@ def user_errors(f):
     return wrapper
 
 
+def check_device(device) -> None:
+    """The one check before any CUDA use: --device cuda on a machine (or a torch build) without CUDA is
+    refused with one line, not torch's AssertionError."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available (no GPU, or torch built without CUDA); "
+                        "use --device cpu")
+
+
+def check_denoiser_options(denoiser, patch_size=None, els: dict | None = None, retrieval: dict | None = None):
+    """Refuse options the chosen denoiser would silently ignore."""
+    uses_patch = denoiser in ("pspc-square", "els")
+    if patch_size is not None and not uses_patch:
+        raise UserError(f"--patch-size applies to --denoiser pspc-square or els, not {denoiser}")
+    if els and els.get("max_images") is not None and denoiser != "els":
+        raise UserError(f"--els-images applies to --denoiser els, not {denoiser}")
+    if els and els.get("boundary") not in (None, "broken") and denoiser != "els":
+        raise UserError(f"--els-boundary applies to --denoiser els, not {denoiser}")
+
+
 def load_z(path: str, shape) -> torch.Tensor:
     try:
         z = np.load(path, allow_pickle=False)
@@ -66,7 +85,9 @@ network_opt = click.option("--network", "network_path", type=click.Path(), defau
 heatmaps_opt = click.option("--heatmaps", "heatmaps_path", type=click.Path(), default=None,
                             help="Heatmaps .zarr for pspc-flex (default: the shipped ones).")
 overwrite_opt = click.option("--overwrite", is_flag=True,
-                              help="Replace existing outputs (only files, or pspc-index artefacts of the same kind).")
+                              help="Replace this command's existing outputs: an output file (.npy, .png, .npz) "
+                                   "that exists, or a pspc-index artefact of the kind written (store, bundle, "
+                                   "sample run); never a plain file or folder where a store, bundle or run goes.")
 device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 
 
@@ -147,8 +168,8 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
     from . import denoisers as dn
     from .schedule import get_schedule
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine")
+    check_device(device)
+    check_denoiser_options(denoiser, patch_size, els)
     sched = get_schedule(schedule, *store.shape[2:])
     if retrieval and retrieval.get("index_path"):
         from .index import faiss_has_gpu, open_bundle
@@ -165,8 +186,9 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
         maps, ts, _ = read_heatmaps(heatmaps_path or DEFAULT_HEATMAPS)
         return lambda data: dn.PSPCFlex(data, maps, ts, schedule=sched)
     if denoiser == "network":
-        from .network import load_network
+        from .network import check_image_shape, load_network
         net = load_network(network_path or DEFAULT_NETWORK, device=device)
+        check_image_shape(net, store.shape[1:], network_path or DEFAULT_NETWORK)
         return lambda data: dn.Network(net, store.shape[1:], data)
     if denoiser == "els":
         return lambda data: dn.ELS(data, k=patch_size, schedule=sched, **(els or {}))
@@ -181,6 +203,8 @@ def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, 
     over), without the images of `exclusion` (a counterfactual.Exclusion) if given."""
     from .store import ImageStore
 
+    check_device(device)  # before the training set moves to the device
+    check_denoiser_options(denoiser, patch_size, els)
     if not isinstance(store, ImageStore):
         store = ImageStore.open(store)
     excluding = exclusion is not None and len(exclusion.ids) > 0
@@ -259,9 +283,15 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
     from .counterfactual import exclusion as select, included_ids
     from .store import ImageStore
 
-    claim(out, FILE, overwrite)
+    if not str(out).endswith(".npy"):
+        raise UserError(f"--out {out}: denoise writes a .npy array; give a path ending in .npy")
     if not np.isfinite(t) or t <= 0:
         raise UserError(f"--t must be finite and > 0, got {t}")
+    if z_path is None and n <= 0:
+        raise UserError(f"--n must be > 0, got {n}")
+    check_device(device)
+    check_denoiser_options(denoiser, patch_size, els)
+    claim(out, FILE, overwrite)
     store = ImageStore.open(store_path)
     excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
@@ -361,6 +391,8 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         raise UserError(f"--out {out}: under torchrun, write a resumable .zarr (e.g. --out samples.zarr)")
     if split == "locations" and denoiser != "pspc-square":
         raise UserError(f"--split locations splits PSPC-Square's crop locations; not for {denoiser}")
+    check_device(device)  # before init_distributed or the batch estimate touch CUDA
+    check_denoiser_options(denoiser, patch_size, els)
     # every output is claimed before any work: a resumed run owns its grid, anything else needs --overwrite
     png = Path(str(out).rsplit(".", 1)[0] + ".png")
     resuming = zarr_out and claim(out, SAMPLES, resume=True).exists()
@@ -377,16 +409,22 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     if split == "locations":
         den.locations = (rank, world)
     batch = resolve_batch(batch, memory_gb, den, n, steps, record, device, out if zarr_out else None)
+    used = min(batch, n)  # a batch larger than the run is one batch of n
     if not zarr_out:
         res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record, progress=True)
         x = res[0] if record else res
         save_samples(out, x, res[1] if record else None)
         write_grid(png, x)
-        click.echo(f"wrote {out} ({n} samples, batch {batch}) and {png}")
+        click.echo(f"wrote {out} ({n} samples, batch {used}) and {png}")
         return
-    meta = run_meta(store.sha256, denoiser, xflip, patch_size, schedule, retrieval,
-                    network=str(network_path or DEFAULT_NETWORK) if denoiser == "network" else None,
-                    heatmaps=str(heatmaps_path or DEFAULT_HEATMAPS) if denoiser == "pspc-flex" else None,
+    # settings recorded resolved (absolute paths, defaults written out) so the same run resumes however written
+    from .schedule import get_schedule
+    resolved = dict(retrieval)
+    if retrieval.get("index_path") is not None:
+        resolved["nprobe"] = retrieval.get("nprobe") or den.bundle.manifest.get("nprobe")
+    meta = run_meta(store.sha256, denoiser, xflip, patch_size, get_schedule(schedule, *store.shape[2:]).name,
+                    resolved, network=network_path or DEFAULT_NETWORK if denoiser == "network" else None,
+                    heatmaps=heatmaps_path or DEFAULT_HEATMAPS if denoiser == "pspc-flex" else None,
                     exclusion=excluded.record())
     x = sample_to_zarr(den, out, n, seed, steps=steps, solver=solver, batch=batch, record=record,
                        progress=True, rank=rank, world=world, meta=meta, split=split)
@@ -397,7 +435,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     if x is not None:
         write_grid(png, torch.from_numpy(x[:256]))
     how = f", {world} processes split by {split}" if world > 1 else ""
-    click.echo(f"wrote {out} ({n} samples, batch {batch}{how}) and {png}")
+    click.echo(f"wrote {out} ({n} samples, batch {used}{how}) and {png}")
 
 
 @cli.command()

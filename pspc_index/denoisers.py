@@ -266,6 +266,8 @@ class Network(Denoiser):
 
     def __init__(self, net: torch.nn.Module, shape: tuple[int, int, int], data: TrainingSet | None = None):
         super().__init__(data)
+        from .network import check_image_shape
+        check_image_shape(net, shape)
         self.net, self._shape = net.eval(), tuple(shape)
 
     @property

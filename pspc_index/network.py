@@ -182,6 +182,23 @@ class EDMPrecond(nn.Module):
         return c_skip * z + c_out * self.unet(c_in * z, c_noise).to(z.dtype)
 
 
+def image_shape(config: UNetConfig) -> tuple[int, int, int]:
+    """The [C, H, W] of the images a network of this config takes."""
+    return (config.img_channels, config.img_resolution, config.img_resolution)
+
+
+def check_image_shape(net: nn.Module, shape, where: str | os.PathLike = "network") -> None:
+    """UserError (one line) unless the network takes images of `shape` [C, H, W] (checked up front, not
+    as a torch error at the first call)."""
+    config = getattr(net, "config", None)
+    if not isinstance(config, UNetConfig):
+        return  # any other module: its shape is its own business
+    want, have = image_shape(config), tuple(int(v) for v in shape)
+    if want != have:
+        raise UserError(f"{where}: the network takes {'x'.join(map(str, want))} images, the store holds "
+                        f"{'x'.join(map(str, have))}; use a network trained at this shape, or another denoiser")
+
+
 def parameter_count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 

@@ -96,3 +96,77 @@ def test_bad_input_one_line_exit_2(store, tmp_path, case):
     lines = [l for l in res.output.splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     assert not (tmp_path / "out.npy").exists() and not (tmp_path / "x.zarr").exists()
+
+
+def one_line_refusal(res, *needles):
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert lines[0].startswith("pspc-index: error: "), res.output
+    for needle in needles:
+        assert needle in lines[0], res.output
+
+
+@pytest.fixture()
+def rgb_store(tmp_path):
+    images = np.random.RandomState(2).randint(0, 256, (6, 3, 16, 16)).astype(np.uint8)
+    np.save(tmp_path / "rgb.npy", images)
+    assert run("ingest", tmp_path / "rgb.npy", tmp_path / "rgb.zarr").exit_code == 0
+    return tmp_path / "rgb.zarr"
+
+
+@pytest.mark.parametrize("verb", ["denoise", "sample"])
+def test_network_of_another_shape_refused_up_front(rgb_store, tmp_path, verb):
+    args = ["--store", rgb_store, "--n", 2, "--denoiser", "network", "--out", tmp_path / "x.npy"]
+    res = run(verb, *args, *(["--t", 0.5] if verb == "denoise" else ["--steps", 2]))
+    one_line_refusal(res, "takes 1x28x28 images", "3x16x16")
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_denoise_n_must_be_positive(store, tmp_path, n):
+    one_line_refusal(run("denoise", "--store", store, "--n", n, "--t", 0.5, "--out", tmp_path / "x.npy"), "--n")
+
+
+@pytest.mark.parametrize("verb", ["denoise", "sample"])
+def test_cuda_without_cuda_is_one_line(store, tmp_path, monkeypatch, verb):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["--store", store, "--n", 2, "--device", "cuda", "--denoiser", "empirical", "--out", tmp_path / "x.npy"]
+    res = run(verb, *args, *(["--t", 0.5] if verb == "denoise" else ["--steps", 2]))
+    one_line_refusal(res, "--device cuda", "not available")
+    from pspc_index.cli import build_denoiser
+    from pspc_index.errors import UserError
+    with pytest.raises(UserError, match="not available"):
+        build_denoiser(store, "empirical", device="cuda")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--denoiser", "empirical", "--patch-size", 3], "--patch-size"),
+    (["--denoiser", "network", "--patch-size", 3], "--patch-size"),
+    (["--denoiser", "pspc-square", "--els-images", 5], "--els-images"),
+    (["--denoiser", "gaussian", "--els-boundary", "circular"], "--els-boundary"),
+])
+@pytest.mark.parametrize("verb", ["denoise", "sample"])
+def test_ignored_options_refused(store, tmp_path, extra, needle, verb):
+    res = run(verb, "--store", store, "--n", 2, "--out", tmp_path / "x.npy", *extra,
+              *(["--t", 0.5] if verb == "denoise" else ["--steps", 2]))
+    one_line_refusal(res, needle)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_denoise_out_must_be_npy(store, tmp_path):
+    one_line_refusal(run("denoise", "--store", store, "--t", 0.5, "--out", tmp_path / "x.txt"), ".npy")
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_sample_prints_the_batch_used(store, tmp_path):
+    for out in ("o.npy", "r.zarr"):
+        res = run("sample", "--store", store, "--n", 4, "--steps", 2, "--denoiser", "empirical",
+                  "--out", tmp_path / out)
+        assert res.exit_code == 0 and "batch 4)" in res.output and "batch 64" not in res.output, res.output
+
+
+def test_overwrite_help_says_what_it_replaces():
+    for verb in ("ingest", "build", "denoise", "sample", "attribute"):
+        text = " ".join(run(verb, "--help").output.split())
+        assert "--overwrite" in text and "never a plain file or folder where a store" in text, text
