@@ -3,7 +3,8 @@
 Every output path is claimed before any work (`claim`): a path that exists is refused with one line
 unless it is a pspc-index artefact of the kind about to be written, which is resumed (bundles,
 sample runs) or replaced only with `overwrite`; an existing plain file is replaced only with
-`overwrite`. Writers then build under a temporary sibling name and rename when complete (`atomic_dir`
+`overwrite`. Missing parent folders of any output (file or directory artefact) are created when it is
+written, as `mkdir -p` would; a parent path that exists as a file is refused by `claim`. Writers then build under a temporary sibling name and rename when complete (`atomic_dir`
 / `commit_dir`, `save_npy`, `save_png`), so no reader ever sees half an output.
 """
 from __future__ import annotations
@@ -55,8 +56,17 @@ def claim(path: str | os.PathLike, kind: str, overwrite: bool = False, resume: b
     """
     p = Path(path).resolve()
     if not p.exists() and not p.is_symlink():
-        if p.parent.exists() and not p.parent.is_dir():
-            raise UserError(f"{path}: {p.parent} is not a directory")
+        # missing parent folders are created on writing; an existing non-folder on the way is refused,
+        # named as the user gave it
+        given = [*Path(path).parents][:-1]  # the folders as the user wrote them (not the final ".")
+        for i, ancestor in enumerate(p.parents):
+            if ancestor.exists():
+                shown = given[i] if i < len(given) and given[i].resolve() == ancestor else ancestor
+                if not ancestor.is_dir():
+                    raise UserError(f"{path}: {shown} is not a directory")
+                if not os.access(ancestor, os.W_OK | os.X_OK):
+                    raise UserError(f"{path}: cannot write in {shown} (permission denied)")
+                break
         return p
     if kind == FILE:
         if p.is_dir():
@@ -114,6 +124,7 @@ def commit_dir(tmp: Path, final: Path, kind: str) -> None:
 def _atomic_file(path: str | os.PathLike, suffix: str, write) -> None:
     """write(tmp) then rename to `path`; the temporary file never outlives a failure."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as the directory artefacts (claim: module docstring)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
     try:
         write(tmp)

@@ -156,3 +156,40 @@ def test_empty_folder_is_a_valid_output(setup):
     (tmp / "empty.zarr").mkdir()
     assert run("ingest", tmp / "imgs.npy", tmp / "empty.zarr").exit_code == 0
     assert artefact_format(tmp / "empty.zarr") == STORE
+
+
+def outputs_under(tmp, folder):
+    """Every verb writing its output under `folder` (relative paths, as a user types them; run in tmp)."""
+    s, z = tmp / "s.zarr", tmp / "z.npy"
+    return {
+        "denoise": (["denoise", "--store", s, "--z", z, "--t", 0.5, "--patch-size", 3,
+                     "--out", f"{folder}/d.npy"], "d.npy"),
+        "sample-npy": (["sample", "--store", s, "--n", 1, "--steps", 2, "--out", f"{folder}/x.npy"], "x.npy"),
+        "sample-zarr": (["sample", "--store", s, "--n", 1, "--steps", 2, "--out", f"{folder}/r.zarr"], "r.zarr"),
+        "attribute": (["attribute", "--store", s, "--z", z, "--t", 0.5, "--patch-size", 3, "--top", 2,
+                       "--panel", f"{folder}/p.png"], "p.png"),
+        "ingest": (["ingest", tmp / "imgs.npy", f"{folder}/t.zarr"], "t.zarr"),
+        "build": (["build", s, f"{folder}/b", "--patch-sizes", 3, "--index", "flat"], "b"),
+    }
+
+
+@pytest.mark.parametrize("verb", list(outputs_under(Path("a"), "f")))
+def test_missing_parent_folders_are_created(setup, verb):
+    """Every output, file or directory artefact, gets its missing parent folders (README: Outputs)."""
+    tmp, _ = setup
+    args, name = outputs_under(tmp, "new/deeper")[verb]
+    res = run(*args, cwd=tmp)
+    assert res.exit_code == 0, res.output
+    assert (tmp / "new" / "deeper" / name).exists()
+    assert not [p for p in (tmp / "new" / "deeper").iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+@pytest.mark.parametrize("verb", list(outputs_under(Path("a"), "f")))
+def test_a_file_where_a_parent_folder_goes_is_named(setup, verb):
+    tmp, _ = setup
+    (tmp / "notes.txt").write_text("mine")
+    args, _ = outputs_under(tmp, "notes.txt/sub")[verb]
+    res = run(*args, cwd=tmp)
+    assert_refused(res)
+    assert "notes.txt is not a directory" in res.output and ".tmp-" not in res.output, res.output
+    assert (tmp / "notes.txt").read_text() == "mine"
