@@ -157,14 +157,29 @@ def resolve_batch(batch: str, memory_gb: float | None, denoiser, n: int, steps: 
 
 
 def run_meta(store_sha256: str, denoiser: str, xflip: bool, patch_size, schedule, retrieval: dict | None,
-             **extra) -> dict:
-    """What a resumable sample run records of its denoiser, so a resume with other settings is refused.
+             default_tail: str = "sample", **extra) -> dict:
+    """What a resumable sample run records of its denoiser, so a resume with other settings is refused
+    and one with the same settings, however written, is not.
     store_sha256: the store's content hash as read now (ImageStore.sha256), so a resume on pixels edited
-    in place is refused too. extra: further settings, None ones left out (e.g. exclusion=
-    `counterfactual.Exclusion.record()`: a run without exclusion records none, as runs made before it)."""
+    in place is refused too. schedule: give the resolved name (the default for the resolution written
+    out). Recorded resolved: the paths (index_path, and network / heatmaps in extra) as absolute paths
+    (a network checkpoint by its stem: x, x.json and x.safetensors are one), and with an index the tail
+    (None: `default_tail`); without an index the tail does not apply and is recorded as None.
+    extra: further settings, None ones left out (e.g. exclusion=`counterfactual.Exclusion.record()`: a run
+    without exclusion records none, as runs made before it)."""
+    r = dict(retrieval or {})
+    if r.get("index_path") is not None:
+        r["index_path"] = str(Path(r["index_path"]).resolve())
+        r["tail"] = r.get("tail") or default_tail
+    elif "tail" in r:
+        r["tail"] = None
     meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
-            "store_sha256": store_sha256, "retrieval": {k: (str(v) if k == "index_path" and v is not None else v)
-                                               for k, v in (retrieval or {}).items()}}
+            "store_sha256": store_sha256, "retrieval": r}
+    if extra.get("network") is not None:
+        from .network import _stem
+        extra["network"] = str(_stem(Path(extra["network"]).resolve()))
+    if extra.get("heatmaps") is not None:
+        extra["heatmaps"] = str(Path(extra["heatmaps"]).resolve())
     meta.update({k: v for k, v in extra.items() if v is not None})
     return meta
 

@@ -1,6 +1,7 @@
 """Large runs: resumable zarr sampling, and the same bytes when split over two gloo processes."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -178,3 +179,47 @@ def test_fit_batch_follows_the_budget(store, tmp_path):
     assert res.exit_code == 0 and "batch 3" in res.output, res.output
     res = CliRunner().invoke(cli, base + ["--memory-gb", "0.001", "--out", str(tmp_path / "b.zarr")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def invoke_in(cwd, args):
+    old = os.getcwd()
+    try:
+        os.chdir(cwd)
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def test_resume_with_equal_settings_written_differently(store, tmp_path):
+    """The run records resolved settings (absolute paths, defaults written out): the same bundle by
+    another path, or the default --tail given explicitly, resume; other settings do not."""
+    assert CliRunner().invoke(cli, ["build", str(store), str(tmp_path / "b"), "--patch-sizes", "3", "--index",
+                                    "flat", "--stride", "2"]).exit_code == 0
+    sched = json.loads(CliRunner().invoke(cli, ["info", str(store), "--json"]).output)["default_schedule"]
+    base = ["sample", "--store", store, "--n", 4, "--steps", 2, "--batch", 2, "--k", 8, "--m", 16,
+            "--out", tmp_path / "run.zarr"]
+    res = invoke_in(tmp_path, base + ["--index", "b"])
+    assert res.exit_code == 0, res.output
+    attrs = dict(zarr.open_group(str(tmp_path / "run.zarr")).attrs)
+    assert attrs["retrieval"]["index_path"] == str((tmp_path / "b").resolve())
+    assert attrs["retrieval"]["tail"] == "sample" and attrs["schedule"] == sched
+    for same in (["--index", tmp_path / "b"], ["--index", "./b/", "--tail", "sample"]):
+        res = invoke_in(tmp_path, base + same)
+        assert res.exit_code == 0, res.output
+    res = invoke_in(tmp_path, base + ["--index", "b", "--tail", "none"])
+    assert res.exit_code == 2 and "different settings" in res.output, res.output
+
+
+def test_resume_network_by_another_spelling(tmp_path):
+    from pspc_index.cli import DEFAULT_NETWORK
+    images = np.random.default_rng(1).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "imgs.npy", images)
+    assert CliRunner().invoke(cli, ["ingest", str(tmp_path / "imgs.npy"), str(tmp_path / "s.zarr")]).exit_code == 0
+    base = ["sample", "--store", tmp_path / "s.zarr", "--n", 2, "--steps", 2, "--denoiser", "network",
+            "--out", tmp_path / "run.zarr"]
+    assert invoke_in(tmp_path, base).exit_code == 0
+    rel = os.path.relpath(f"{DEFAULT_NETWORK}.json", tmp_path)
+    res = invoke_in(tmp_path, base + ["--network", rel, "--schedule", "fashion-mnist"])  # the 28x28 default
+    assert res.exit_code == 0, res.output
+    res = invoke_in(tmp_path, base + ["--no-xflip"])
+    assert res.exit_code == 2 and "different settings" in res.output, res.output
