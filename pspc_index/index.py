@@ -407,9 +407,13 @@ def open_bundle(path, store, gpu: bool = False) -> Bundle:
         raise UserError(f"{path}: not a pspc-index bundle manifest")
     # store.sha256 is hashed from the pixels as read, so a store rewritten in place is caught here too
     if manifest.get("store_sha256") != store.sha256 or manifest.get("shape") != list(store.shape):
-        edited = ", its images rewritten since ingest" if store.edited_in_place else ""
-        raise UserError(f"{path}: built for store content {str(manifest.get('store_sha256'))[:12]}, "
-                        f"but {store.path} now holds {store.sha256[:12]}{edited} (rebuild the bundle)")
+        built = str(manifest.get("store_sha256"))
+        if store.edited_in_place and built == store.recorded_sha256:
+            raise UserError(f"{path}: built for {store.path} as ingested ({built[:12]}), but its images were "
+                            f"rewritten since ingest, edited in place (now {store.sha256[:12]}); rebuild the bundle")
+        raise UserError(f"{path}: built for another store (content {built[:12]}, shape {manifest.get('shape')}), "
+                        f"not {store.path} ({store.sha256[:12]}, shape {list(store.shape)}); give the bundle "
+                        "built for this store, or build one")
     for name, rec in manifest.get("files", {}).items():
         f = path / name
         if not f.exists():

@@ -182,7 +182,7 @@ class RetrievalPSPC(PSPCSquare):
             raise UserError(f"k, m and nprobe must be >= 1, got k={k}, m={m}, nprobe={nprobe}")
         if list(bundle.manifest["shape"][1:]) != list(data.shape) or bundle.xflip != data.xflip:
             raise UserError(f"{bundle.path}: built for {bundle.manifest['shape']} with xflip={bundle.xflip}, "
-                            f"the training set is {list(data.shape)} with xflip={data.xflip}")
+                            f"the training set is {[data.n_stored, *data.shape]} with xflip={data.xflip}")
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
         self.nprobe = nprobe
         self.certified = bundle.kind == "flat" and bundle.stride == 1

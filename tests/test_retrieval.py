@@ -123,8 +123,13 @@ def test_bad_bundles(tmp_path):
     write_store(tmp_path / "s.zarr", images(3))
     build_bundle(tmp_path / "s.zarr", tmp_path / "b", [3], stride=4, kind="flat", progress=False)
     other = write_store(tmp_path / "o.zarr", images(4))
-    with pytest.raises(UserError, match="built for store"):
+    with pytest.raises(UserError, match="built for another store") as e:  # not "edited in place": another store
         open_bundle(tmp_path / "b", other)
+    assert "rewritten" not in str(e.value) and "o.zarr" in str(e.value)
+    # the store the bundle was built for, as ingested: the xflip mismatch names N too
+    bundle = open_bundle(tmp_path / "b", ImageStore.open(tmp_path / "s.zarr"))
+    with pytest.raises(UserError, match=r"the training set is \[20, 1, 8, 8\] with xflip=False"):
+        RetrievalPSPC(ImageStore.open(tmp_path / "s.zarr").training_set(xflip=False), bundle)
     name = sorted(json.loads((tmp_path / "b" / "manifest.json").read_text())["files"])[0]
     raw = (tmp_path / "b" / name).read_bytes()
     (tmp_path / "b" / name).write_bytes(raw[:len(raw) // 2])
