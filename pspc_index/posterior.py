@@ -520,11 +520,14 @@ def posterior_mean(z: torch.Tensor, t, data: TrainingSet, mask: torch.Tensor | N
 
     z [B, C, H, W] float in [-1, 1]; t scalar or [B] (EDM sigma, > 0); mask bool [H, W] (at least one
     pixel). Excluded images (`TrainingSet.without`) take no part. Returns (mean [B, C, H, W] float32,
-    the posterior mean on the mask and 0 elsewhere; log_z [B] float64). Raises ValueError for an empty mask.
+    the posterior mean on the mask and 0 elsewhere; log_z [B] float64). Raises ValueError for a mask of
+    another shape or an empty one.
     """
     b, c, h, w = z.shape
     t = _t_column(t, b)
     mask = torch.ones(h, w, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    if tuple(mask.shape) != (h, w):
+        raise ValueError(f"mask has shape {list(mask.shape)}, expected [{h}, {w}]")
     pix = mask.flatten().nonzero().flatten()[None].to(z.device)
     if pix.shape[1] == 0:
         raise ValueError("empty mask")
