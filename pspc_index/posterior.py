@@ -57,6 +57,7 @@ TILE_ELEMENTS = 2 ** 20
 # the fused path: keys per chunk of the stream, and bytes of homogeneous keys per attention call
 KEYS_FUSED = 8192
 FUSED_KEY_BYTES = 2 ** 26
+# elements of the retrieval path's largest per-block intermediate (its query chunks; estimate_memory)
 CHUNK_ELEMENTS = 2 ** 24
 # largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
 LOGIT_TOL = 1e-6
