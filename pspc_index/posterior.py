@@ -351,17 +351,18 @@ def patch_bytes(shape) -> int:
 
 
 def exact_memory(data: TrainingSet, sizes, batch: int) -> int:
-    """Peak bytes of one exact call beyond the data: the largest size's unfolded patches (cached ones
-    too, up to the cache budget), its queries and accumulators (float64 [P, 2B, d+3] each) and one
-    tile's temporaries. sizes: (sh, sw) pairs."""
+    """Peak bytes of exact calls beyond the data, an upper bound: the cached patches (up to the budget)
+    plus the largest size's being built, its queries and accumulators (float64 [P, 2B, d+3] each) and
+    one tile's temporaries. sizes: (sh, sw) pairs."""
     c, h, w = data.shape
     per = []
     for sh, sw in sizes:
         p, d = (h - sh + 1) * (w - sw + 1), c * sh * sw
         per.append((patch_bytes((p, data.n_stored, d)), 2 * 8 * p * 2 * batch * (d + 3)))
+    # a size's patches are built before the cache evicts for them: the cache's content plus the largest size
     cache = min(_CACHE_BUDGET, sum(b for b, _ in per))
     tile = TILE_ELEMENTS * (8 + 4 + 8) + KEYS_PER_TILE * max(c * sh * sw for sh, sw in sizes) * 64
-    return int(max(cache, max(b for b, _ in per)) + max(a for _, a in per) + tile)
+    return int(cache + max(b for b, _ in per) + max(a for _, a in per) + tile)
 
 
 def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.Tensor | None = None,
