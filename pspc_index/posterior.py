@@ -182,7 +182,21 @@ def fused_available(device) -> bool:
     return torch.device(device).type == "cpu" and _FLASH_CPU is not None and _USE_FUSED
 
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+def _flash_cpu_op():
+    """torch's fused CPU attention op, if this torch has it with the call used here (an internal op:
+    probed once on a tiny problem, and the GEMM tiles serve every call where it is missing or differs)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return None
+    try:
+        q = torch.zeros(1, 1, 2, 3, dtype=torch.float64)
+        out, lse = op(q, q, q, 0.0, False, attn_mask=torch.zeros(1, 1, 2, 2, dtype=torch.float64), scale=1.0)[:2]
+        return op if out.shape == q.shape and lse.shape == (1, 1, 2) else None
+    except (RuntimeError, TypeError):
+        return None
+
+
+_FLASH_CPU = _flash_cpu_op()
 _USE_FUSED = True  # tools/bench_exact.py switches it off to time the explicit GEMM tiles
 
 
