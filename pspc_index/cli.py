@@ -330,12 +330,9 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
     over the processes."""
     from .distributed import init_distributed
     from .index import build_bundle
-    from .schedule import default_schedule
-    from .store import ImageStore
 
-    if patch_sizes is None:
-        sizes = default_schedule(*ImageStore.open(store_path).shape[2:]).sizes_below_full()
-    else:
+    sizes = None  # the store's default schedule's, chosen where the store is opened
+    if patch_sizes is not None:
         try:
             sizes = [int(v) for v in patch_sizes.split(",") if v.strip()]
         except ValueError:

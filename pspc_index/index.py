@@ -217,7 +217,8 @@ def _versions() -> dict:
 def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "ivf-pq",
                  xflip: bool = True, nlist: int | None = None, pq_m: int = 32, gpu: bool = False,
                  progress: bool = True, rank: int = 0, world: int = 1, overwrite: bool = False) -> dict:
-    """Build (or finish) an index bundle for a store; returns the manifest.
+    """Build (or finish) an index bundle for a store; returns the manifest. patch_sizes None: the sizes the
+    store's default schedule uses below full size.
 
     An unfinished or finished bundle at `bundle_path` built with the same settings is resumed; one built
     with other settings is rebuilt only with `overwrite`; any other existing path is refused (UserError).
@@ -238,6 +239,10 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     store = ImageStore.open(store_path)
     data = store.training_set(xflip=xflip)
     c, h, w = data.shape
+    if patch_sizes is None:
+        from .schedule import default_schedule
+
+        patch_sizes = default_schedule(h, w).sizes_below_full()
     sizes = sorted({int(s) for s in patch_sizes})
     if not sizes:
         raise UserError("no patch sizes to index")

@@ -200,13 +200,18 @@ _FLASH_CPU = _flash_cpu_op()
 _USE_FUSED = True  # tools/bench_exact.py switches it off to time the explicit GEMM tiles
 
 
-def _keys(u, sq, log_w, dtype):
-    """Keys in homogeneous coordinates [u, 1, -||x||^2/2, log w]: [g, n, d + 3] (log_w [g or 1, n] or None)."""
+def _keys(u, sq, log_w, dtype, feature_major: bool = False):
+    """Keys in homogeneous coordinates [u, 1, -||x||^2/2, log w]: [g, n, d + 3] (sq [g, n] or None for 0,
+    log_w [g or 1, n] or None). feature_major: stored as [g, d + 3, n] (returned as its transposed view), where
+    filling from the feature-major patch cache is a copy of rows."""
     g, n, d = u.shape
-    k = torch.empty(g, n, d + 3, dtype=dtype, device=u.device)
+    if feature_major:
+        k = torch.empty(g, d + 3, n, dtype=dtype, device=u.device).transpose(1, 2)
+    else:
+        k = torch.empty(g, n, d + 3, dtype=dtype, device=u.device)
     k[..., :d] = u
     k[..., d] = 1
-    k[..., d + 1] = sq * -0.5
+    k[..., d + 1] = 0 if sq is None else sq * -0.5
     k[..., d + 2] = 0 if log_w is None else log_w
     return k
 
@@ -237,7 +242,7 @@ def _flash_call(q, u, sq, log_w, d):
     the additive mask."""
     g, b = q.shape[:2]
     row_w, row_sq = log_w is not None and log_w.ndim == 3, sq.ndim == 3
-    k = _keys(u, sq.new_zeros(()).expand(g, u.shape[1]) if row_sq else sq, None if row_w else log_w, q.dtype)
+    k = _keys(u, None if row_sq else sq, None if row_w else log_w, q.dtype)
     mask = None
     if row_w or row_sq:
         mask = (log_w if row_w else 0) + (sq * (-0.5 * q[..., d + 1:d + 2].to(torch.float64)) if row_sq else 0)
@@ -260,13 +265,8 @@ def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     # 1. the keys in homogeneous coordinates, and one batched GEMM for every logit [g, b, n]; per-query
     # norms and log weights are added after it
     row_w, row_sq = log_w is not None and log_w.ndim == 3, sq.ndim == 3
-    # (feature-major [g, d+3, n]: the cached patches are stored so, which makes this a copy of rows)
-    k = torch.empty(g, d + 3, n, dtype=q.dtype, device=q.device)
-    k[:, :d] = u.transpose(1, 2)
-    k[:, d] = 1
-    k[:, d + 1] = 0 if row_sq else sq * -0.5
-    k[:, d + 2] = 0 if log_w is None or row_w else log_w
-    logits = torch.bmm(q, k)
+    k = _keys(u, None if row_sq else sq, None if row_w else log_w, q.dtype, feature_major=True)
+    logits = torch.bmm(q, k.transpose(1, 2))
     if row_sq:  # -||x_C||^2 / 2t^2, with the query's 1/t^2 as the GEMM column has it
         logits += (sq * -0.5).to(logits.dtype) * q[..., d + 1, None]
     if row_w:
@@ -281,7 +281,7 @@ def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # rows with every key excluded
     w = _floored_exp(logits.sub_(shift[..., None]).to(wdt))
     # 3. second batched GEMM: [sum_i w_i u_i, sum_i w_i], folded into the rescaled accumulator
-    v = (k[:, :d + 1] if wdt == q.dtype else k[:, :d + 1].to(wdt)).transpose(1, 2)
+    v = k[..., :d + 1] if wdt == q.dtype else k[..., :d + 1].to(wdt)
     rescale = torch.exp((m - shift).to(torch.float64))
     acc.mul_(rescale[..., None]).add_(torch.bmm(w, v))
     if st is not None:
@@ -405,11 +405,9 @@ def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.T
 # composites
 # ------------------------------------------------------------------------------------------------
 
-def _fold(patches: torch.Tensor, c: int, h: int, w: int, sh: int, sw: int) -> torch.Tensor:
+def _fold(patches: torch.Tensor, h: int, w: int, sh: int, sw: int) -> torch.Tensor:
     """Sum of per-location patches [P, B, C*sh*sw] into images [B, C, h, w] (the adjoint of unfold)."""
-    p, b, _ = patches.shape
-    cols = patches.permute(1, 2, 0)  # [B, C*sh*sw, P], F.fold's channel-major order
-    return F.fold(cols, (h, w), (sh, sw))
+    return F.fold(patches.permute(1, 2, 0), (h, w), (sh, sw))  # F.fold takes [B, C*sh*sw, P]
 
 
 def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: int, sw: int | None = None,
@@ -450,7 +448,7 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
         mean, lse = merge(mean[:, :b], lse[:, :b], mb, lse[mirror, b:])
     cov = _coverage(h, w, sh, sw) if coverage is None else coverage
     out = torch.zeros(b, c, h, w, dtype=torch.float64, device=z.device)
-    out[:, :, r0:r1 - 1 + sh] = _fold(mean, c, r1 - 1 + sh - r0, w, sh, sw)
+    out[:, :, r0:r1 - 1 + sh] = _fold(mean, r1 - 1 + sh - r0, w, sh, sw)
     if on_weights is not None:
         _square_weights(q, t2, stored_key_chunks(u8, sq, KEYS_PER_TILE, lw), lse, mirror, b, data, (r0, r1),
                         sh, sw, h, w, cov, on_weights, dtype)

@@ -210,6 +210,22 @@ class Eval:
             print(f"[cost] {name}: {rows[-1]['seconds']:.2f} s, +{rows[-1]['peak_bytes'] / 2 ** 20:.0f} MiB", flush=True)
         self.res["cost"] = dict(t=t, batch=len(z), rows=rows)
 
+    # ------------------------------------------------------------------ shared by forward and reverse
+    def baselines(self, key, z, t, net):
+        """One t's optimal (kept whole: the patch-size study measures against it), Gaussian, CFDM and ELS units."""
+        pz = {"optimal": self.per_z(f"{key}_optimal", "optimal", z, t, net, keep=True)}
+        for name in ("gaussian", "cfdm", "els"):
+            pz[name] = self.per_z(f"{key}_{name}", name, z, t, net)
+        return pz
+
+    def close_row(self, section, tag, i, pz, z, t, net, s_t, lam, rows, study):
+        """Add PSPC-Flex (the optimal denoiser where lambda = 1), append the row, report it, save the section."""
+        pz["pspc-flex"] = self.per_z(f"{tag}_t{i:02d}_flex", "pspc-flex", z, t, net) if lam < 1 else pz["optimal"]
+        rows.append(self.row(pz, i=i, t=t, s=s_t, lam=lam))
+        print(f"[{tag}] t={t:.4g} " + " ".join(f"{k}={rows[-1][k]:.4g}" for k in DEN_NAMES), flush=True)
+        self.res[section], self.res[f"study_{tag}"] = rows, study
+        self.write(plots=False)
+
     # ------------------------------------------------------------------ 1 + 3a: forward process
     def forward_z(self, i):
         t = float(self.grid[i])
@@ -224,10 +240,8 @@ class Eval:
         for i in self.fwd_idx:
             t, z = self.forward_z(i)
             net = self.unit(f"fwd_t{i:02d}_network", lambda: dict(out=self.net(z, t)))["out"]
-            opt = self.per_z(f"fwd_t{i:02d}_optimal", "optimal", z, t, net, keep=True)
-            pz = {"optimal": opt}
-            for name in ("gaussian", "cfdm", "els"):
-                pz[name] = self.per_z(f"fwd_t{i:02d}_{name}", name, z, t, net)
+            pz = self.baselines(f"fwd_t{i:02d}", z, t, net)
+            opt = pz["optimal"]
             s_t, lam = int(self.sched.patch_sizes[i]), float(self.sched.lambdas[i])
             if i in self.small_idx:
                 for s in SIZES:  # the study's first ns z share their batches with the pspc-square row's
@@ -239,11 +253,7 @@ class Eval:
                                                opt=opt["out"])
             else:  # s(t) = H: the one full-image crop, the optimal denoiser itself (section 4, verdict iv)
                 pz["pspc-square"] = opt
-            pz["pspc-flex"] = self.per_z(f"fwd_t{i:02d}_flex", "pspc-flex", z, t, net) if lam < 1 else opt
-            rows.append(self.row(pz, i=i, t=t, s=s_t, lam=lam))
-            print(f"[fwd] t={t:.4g} " + " ".join(f"{k}={rows[-1][k]:.4g}" for k in DEN_NAMES), flush=True)
-            self.res["forward"], self.res["study_fwd"] = rows, study
-            self.write(plots=False)
+            self.close_row("forward", "fwd", i, pz, z, t, net, s_t, lam, rows, study)
         self.res["forward_seconds"] = {k: self.seconds(f"fwd_t*_{k}") for k in ("optimal", "gaussian", "cfdm", "els",
                                                                                  "flex")}
 
@@ -261,10 +271,8 @@ class Eval:
         steps = range(18) if not a.quick else list(range(0, 18, 3)) + [17]
         for i in steps:
             t, z, net = float(traj["ts"][i]), traj["z"][i], traj["denoised"][i]
-            opt = self.per_z(f"rev_t{i:02d}_optimal", "optimal", z, t, net, keep=True)
-            pz = {"optimal": opt}
-            for name in ("gaussian", "cfdm", "els"):
-                pz[name] = self.per_z(f"rev_t{i:02d}_{name}", name, z, t, net)
+            pz = self.baselines(f"rev_t{i:02d}", z, t, net)
+            opt = pz["optimal"]
             s_t, lam = int(self.sched.patch_sizes[i]), float(self.sched.lambdas[i])
             if lam < 1:
                 for s in SIZES:
@@ -278,11 +286,7 @@ class Eval:
                         pz["pspc-square"] = st
             else:
                 pz["pspc-square"] = opt
-            pz["pspc-flex"] = self.per_z(f"rev_t{i:02d}_flex", "pspc-flex", z, t, net) if lam < 1 else opt
-            rows.append(self.row(pz, i=i, t=t, s=s_t, lam=lam))
-            print(f"[rev] t={t:.4g} " + " ".join(f"{k}={rows[-1][k]:.4g}" for k in DEN_NAMES), flush=True)
-            self.res["reverse"], self.res["study_rev"] = rows, study
-            self.write(plots=False)
+            self.close_row("reverse", "rev", i, pz, z, t, net, s_t, lam, rows, study)
 
     # ------------------------------------------------------------------ (iv) s = H, lambda = 1
     def identity_check(self):
