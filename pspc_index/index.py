@@ -1,22 +1,36 @@
 """Index bundles (DESIGN.md section 2): per patch size s and per anchor block of positions, one FAISS
-index over the training patches of the block's union window.
+index over the distinct training windows of the block's union window, with their member lists and the
+cell bounds that certify retrieval.
 
 Positions (corners of the s x s crops, grid (H-s+1) x (W-s+1)) are grouped in stride x stride blocks.
 A block's union window is the region covering all its crops: (s+stride-1)^2, clipped at the border.
-Index ids are virtual training indices (flips >= N). The uint8 store stays the one copy of pixels:
-retrieval rescales nothing from FAISS, it only takes candidate ids.
+The uint8 store stays the one copy of pixels: retrieval rescores nothing from FAISS, it only takes ids.
+
+Entries (duplicate-aware indices). Identical uint8 windows (per virtual image, flips included; Fashion-
+MNIST's black background) are one entry with a multiplicity: identical windows give identical patch terms
+at every location of the block, so one representative scored with log(count) in its logit is exact. Index
+id e is entry e; its members (virtual ids, ascending) are a CSR (offsets, members), entries numbered by
+their first member.
 
 Kinds: flat (exact L2 search), sq8 (1 byte per dimension), ivf-flat / ivf-sq8 / ivf-pq (inverted
-lists over nlist k-means cells, searched in nprobe of them; ivf-pq: M/2 bytes per patch, M <= pq_m).
-Every kind only proposes candidates; their distances are recomputed from the store. Duplicate patches
-(black backgrounds, constant images) leave k-means cells empty: k-means clusters distinct patches, a
-block whose clustering still collapsed gets one list (recorded as the file's "nlist"), and a search
-whose probed lists hold fewer than k patches widens its probe, up to every list, so every query gets
-min(k, N) candidates.
+lists over nlist k-means cells, searched in nprobe of them; ivf-pq: M/2 bytes per entry, M <= pq_m).
+Every kind only proposes candidates; their distances are recomputed from the store. A block with fewer
+distinct windows than an IVF kind can train on (nlist, and 16 for 4-bit PQ codebooks) gets a flat index
+over them (recorded as the file's "kind"); one whose k-means still collapsed gets one list (its "nlist");
+a search whose probed lists hold fewer than k entries widens its probe, up to every list, so every query
+gets min(k, entries) candidates.
 
-Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block) and `manifest.json`
-(written last). Files are written under temporary names and renamed; a progress journal lets a killed
-build resume, skipping files whose checksum is recorded.
+Cell bounds (what certifies a retrieval result, `BlockEntries`): per cell L (IVF lists; the whole block for
+flat kinds) the centroid mu, the radius r[L, C] = max over the cell's entries of ||x_C - mu_C|| at each crop
+location C of the block (float64, rounded up), and the per-pixel range [lo, hi] of its entries. For any
+query z and any entry x of the cell, ||z_C - x_C|| >= ||z_C - mu_C|| - r[L, C] (triangle inequality) and
+||z_C - x_C||^2 >= sum over C's pixels of dist(z_p, [lo_p, hi_p])^2.
+
+Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block), its `.npz` of entries and cell
+bounds, and `manifest.json` (written last), which records both files' sizes and sha256 and per size the
+neighbour distances of the skip predictor (`neighbour_stats`). Files are written under temporary names and
+renamed; a progress journal lets a killed build resume, skipping files whose checksums are recorded.
+Bundles of format 1 (before entries) are refused with a line asking for a rebuild.
 """
 from __future__ import annotations
 
@@ -36,9 +50,11 @@ from .outputs import BUNDLE, claim
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
 FORMAT = BUNDLE
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("sq8", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
 TRAIN_MAX = 262144  # most training points of a quantizer (k-means cells, SQ ranges, PQ codebooks)
+RANKS = (1, 16, 256, 4096)  # neighbour ranks whose distances the skip predictor records per size
+BOUND_MARGIN = 1e-9  # added to stored radii (float64 rounding of sums of at most 10^5 squares in [0, 4])
 
 
 def blocks(h: int, w: int, s: int, stride: int) -> list[tuple[int, int, tuple[int, int, int, int]]]:
@@ -110,16 +126,17 @@ def gpu_resources():
     return _GPU["res"]
 
 
-def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool = False,
+def make_index(data, win, ids: torch.Tensor, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool = False,
                chunk: int = 65536):
-    """Train and fill an index over every virtual training patch of a window, adding in chunks so memory
-    stays at one chunk of float32 vectors. Training uses a seeded sample: all patches for sq8 (its value
-    ranges must cover every patch, up to TRAIN_MAX), max(64 nlist, 16,384) for the k-means cells and PQ
-    codebooks (FAISS asks 39 points per centroid; more only slows the build), deduplicated for k-means
-    kinds (`kmeans_sample`)."""
+    """Train and fill an index over the windows of the virtual images `ids` [E] (a block's entries; index id
+    e is ids[e]'s window), adding in chunks so memory stays at one chunk of float32 vectors. Training uses a
+    seeded sample: all entries for sq8 (its value ranges must cover every entry, up to TRAIN_MAX),
+    max(64 nlist, 16,384) for the k-means cells and PQ codebooks (FAISS asks 39 points per centroid; more
+    only slows the build). Entries are distinct windows, so k-means places cells on content, not on the
+    multiplicity of a background."""
     import faiss
 
-    n, d = len(data), data.shape[0] * (win[1] - win[0]) * (win[3] - win[2])
+    n, d = len(ids), data.shape[0] * (win[1] - win[0]) * (win[3] - win[2])
     index = faiss.index_factory(d, factory_spec(kind, d, nlist, pq_m))
     if gpu:
         if kind == "sq8":
@@ -131,34 +148,18 @@ def make_index(data, win, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool =
             n_train = TRAIN_MAX if kind == "sq8" else min(TRAIN_MAX, max(64 * nlist, 16384))
             rng = np.random.default_rng(np.random.SeedSequence([n, d, win[0], win[2]]))
             sample = np.sort(rng.choice(n, n_train, replace=False)) if n > n_train else np.arange(n)
-            index.train(kmeans_sample(index_vectors(data, win, torch.from_numpy(sample)), kind, nlist))
+            index.train(index_vectors(data, win, ids[torch.from_numpy(sample)]))
         for start in range(0, n, chunk):
-            index.add(index_vectors(data, win, torch.arange(start, min(start + chunk, n))))
+            index.add(index_vectors(data, win, ids[start:start + chunk]))
     except RuntimeError as e:  # FAISS refusals (e.g. fewer training patches than PQ centroids)
         msg = [ln for ln in str(e).splitlines() if "Error" in ln or ln.strip()][-1].strip()
         raise UserError(f"FAISS could not build the {kind} index over {n} patches: {msg[:200]}") from None
     return faiss.index_gpu_to_cpu(index) if gpu else index
 
 
-def kmeans_sample(x: np.ndarray, kind: str, nlist: int) -> np.ndarray:
-    """The training vectors a kind learns from, given a sample x [n, d]: for IVF kinds the distinct rows
-    of x, when there are at least nlist of them (and the 16 centroids of 4-bit PQ codebooks), else x.
-
-    Duplicates seed k-means cells on copies of one patch (Fashion-MNIST's background), and all but one
-    copy stay empty: clustering distinct patches places the cells on the content, not its multiplicity."""
-    if not kind.startswith("ivf"):
-        return x
-    distinct = np.unique(x, axis=0)
-    return distinct if len(distinct) >= max(nlist, 16 if kind == "ivf-pq" else 1) else x
-
-
 def collapsed(index) -> bool:
-    """Whether an IVF index's k-means collapsed: fewer than half of its lists hold a patch.
-
-    Trained on distinct patches (`kmeans_sample`), every list fills; many empty lists mean the block
-    has fewer distinct patches than lists (constant blocks, constant images): the cells prune nothing,
-    and queries whose nearest centroids are empty copies would widen their probe to every list, a flat
-    scan with extra steps."""
+    """Whether an IVF index's k-means collapsed: fewer than half of its lists hold an entry (the cells
+    prune nothing, and queries whose nearest centroids are empty would widen their probe to every list)."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
@@ -166,14 +167,116 @@ def collapsed(index) -> bool:
     return 2 * filled < ivf.nlist
 
 
-def block_index(data, win, kind: str, nlist: int, pq_m: int, gpu: bool):
-    """(index, lists) of one block: `make_index` with nlist lists, or with one list where IVF k-means
-    collapsed. One list is a scan of every code: no probe misses, and the kind's compact codes stay
-    (a flat fallback would store 4 d bytes a patch)."""
-    index = make_index(data, win, kind, nlist, pq_m, gpu)
+def block_index(data, win, ids: torch.Tensor, kind: str, nlist: int, pq_m: int, gpu: bool):
+    """(index, kind, lists) of one block over its entries `ids`: `make_index` with nlist lists; a flat index
+    where the entries are fewer than an IVF kind trains on (nlist cells, 16 centroids of 4-bit PQ): scanning
+    so few is exact and cheap; one list where IVF k-means collapsed (a scan of every code; the kind's
+    compact codes stay)."""
+    if kind.startswith("ivf") and len(ids) < max(nlist, 16 if kind == "ivf-pq" else 1):
+        return make_index(data, win, ids, "flat", gpu=gpu), "flat", None
+    index = make_index(data, win, ids, kind, nlist, pq_m, gpu)
     if kind.startswith("ivf") and nlist > 1 and collapsed(index):
-        return make_index(data, win, kind, 1, pq_m, gpu), 1
-    return index, nlist
+        return make_index(data, win, ids, kind, 1, pq_m, gpu), kind, 1
+    return index, kind, nlist if kind.startswith("ivf") else None
+
+
+def block_entries(data, win) -> tuple[np.ndarray, np.ndarray]:
+    """Duplicate-aware entries of a window: identical uint8 windows of the virtual images (flips included)
+    are one entry. Returns (offsets int64 [E+1], members int32 [Nv]): entry e's members are
+    members[offsets[e]:offsets[e+1]], ascending; entries are numbered by their first member."""
+    nv = len(data)
+    u = np.ascontiguousarray(window_u8(data, torch.arange(nv), win).flatten(1).cpu().numpy())
+    _, first, inverse, counts = np.unique(u.view(np.dtype((np.void, u.shape[1])))[:, 0], return_index=True,
+                                          return_inverse=True, return_counts=True)
+    # renumber entries by first occurrence, then group the members per entry (stable: ascending ids)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    entry = rank[inverse.reshape(-1)]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(entry, minlength=len(first)))]).astype(np.int64)
+    return offsets, np.argsort(entry, kind="stable").astype(np.int32)
+
+
+def crop_mask(c: int, wh: int, ww: int, s: int) -> torch.Tensor:
+    """0/1 float64 [P, C*wh*ww]: the coordinates of each s x s crop location of a window (row-major by
+    corner), in the C-major order of a flattened window."""
+    from .geometry import SquareCrops
+
+    return SquareCrops(wh, ww, s).masks()[:, None].expand(-1, c, -1, -1).flatten(1).to(torch.float64)
+
+
+def cell_bounds(data, win, s: int, reps: torch.Tensor, cell: np.ndarray, centroids: np.ndarray,
+                chunk: int = 16384):
+    """Per cell L and crop location C of the block: radius [L, P] float64 = max over the cell's entries
+    (representatives reps [E], cells cell [E]) of ||x_C - mu_C|| (x = u / 127.5 - 1, mu = centroids
+    [L, D] float32 as stored), rounded up by BOUND_MARGIN; and the per-pixel range lo, hi uint8 [L, D] of
+    the cell's entries. Computed in float64 in chunks of entries."""
+    c = data.shape[0]
+    mask = crop_mask(c, win[1] - win[0], win[3] - win[2], s)  # [P, D]
+    mu = torch.from_numpy(centroids).to(torch.float64)
+    cells = len(centroids)
+    radius = torch.zeros(cells, len(mask), dtype=torch.float64)
+    lo = torch.full((cells, mask.shape[1]), 255, dtype=torch.uint8)
+    hi = torch.zeros(cells, mask.shape[1], dtype=torch.uint8)
+    for i in range(0, len(reps), chunk):
+        u = window_u8(data, reps[i:i + chunk], win).flatten(1).cpu()
+        j = torch.from_numpy(cell[i:i + chunk]).long()
+        dist = ((u.to(torch.float64) / 127.5 - 1 - mu[j]) ** 2 @ mask.T).sqrt()  # [n, P]
+        radius.scatter_reduce_(0, j[:, None].expand_as(dist), dist, "amax")
+        lo.scatter_reduce_(0, j[:, None].expand_as(u), u, "amin")
+        hi.scatter_reduce_(0, j[:, None].expand_as(u), u, "amax")
+    return (radius + BOUND_MARGIN).numpy(), lo.numpy(), hi.numpy()
+
+
+def entry_cells(index, kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cell int32 [E], centroids float32 [L, D]) of an index over n entries: the inverted list each entry
+    sits in and the IVF centroids; for flat kinds one cell, centred at the entries' mean."""
+    import faiss
+
+    if not kind.startswith("ivf"):
+        return np.zeros(n, np.int32), None
+    ivf = faiss.extract_index_ivf(index)
+    cell = np.empty(n, np.int32)
+    for j in range(ivf.nlist):
+        size = ivf.invlists.list_size(j)
+        if size:
+            cell[faiss.rev_swig_ptr(ivf.invlists.get_ids(j), size)] = j
+    return cell, ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def entries_bytes(data, win, s: int, index, kind: str, offsets: np.ndarray, members: np.ndarray) -> bytes:
+    """The block's `.npz`: members, offsets, cell, centroids, radius, lo, hi (`BlockEntries`)."""
+    import io
+
+    reps = torch.from_numpy(members[offsets[:-1]].astype(np.int64))
+    cell, centroids = entry_cells(index, kind, len(reps))
+    if centroids is None:
+        centroids = np.stack([index_vectors(data, win, reps[i:i + 65536]).sum(0, dtype=np.float64)
+                              for i in range(0, len(reps), 65536)]).sum(0, keepdims=True)
+        centroids = (centroids / len(reps)).astype(np.float32)
+    radius, lo, hi = cell_bounds(data, win, s, reps, cell, centroids)
+    buf = io.BytesIO()
+    np.savez(buf, members=members, offsets=offsets, cell=cell, centroids=centroids, radius=radius, lo=lo, hi=hi)
+    return buf.getvalue()
+
+
+def neighbour_stats(data, s: int, samples: int = 32, seed: int = 0) -> list[float | None]:
+    """The skip predictor's data for size s: at three crop locations (corner, centre, edge middle), the
+    median over `samples` seeded training crops of the squared distance (x = u / 127.5 - 1, summed over the
+    crop) to its r-th nearest distinct other crop, for r in RANKS (None: fewer distinct crops, no such
+    neighbour)."""
+    c, h, w = data.shape
+    rng = np.random.default_rng(np.random.SeedSequence([seed, s, len(data)]))
+    picks = torch.from_numpy(rng.choice(len(data), min(samples, len(data)), replace=False))
+    dists = []
+    for y, x in ((0, 0), ((h - s) // 2, (w - s) // 2), ((h - s) // 2, 0)):
+        win = (y, y + s, x, x + s)
+        u = torch.unique(window_u8(data, torch.arange(len(data)), win).flatten(1), dim=0).to(torch.float64)
+        q = window_u8(data, picks, win).flatten(1).to(torch.float64)
+        d2 = torch.cdist(q / 127.5, u / 127.5) ** 2  # [samples, distinct]: itself at distance 0
+        srt = d2.sort(1).values
+        dists.append(torch.stack([srt[:, r] if r < srt.shape[1] else torch.full((len(q),), np.inf)
+                                  for r in RANKS], 1))
+    return [float(v) if np.isfinite(float(v)) else None for v in torch.cat(dists).median(0).values]
 
 
 def default_nlist(n: int) -> int:
@@ -184,6 +287,15 @@ def default_nlist(n: int) -> int:
 
 def file_name(s: int, by: int, bx: int) -> str:
     return f"s{s}_b{by}_{bx}.faiss"
+
+
+def entries_name(s: int, by: int, bx: int) -> str:
+    return f"s{s}_b{by}_{bx}.npz"
+
+
+def _recorded(path: Path, rec: dict | None) -> bool:
+    """Whether a file is there with the size and sha256 a record gives."""
+    return bool(rec) and path.exists() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]
 
 
 def sha256_file(path: Path) -> str:
@@ -225,7 +337,8 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
 
     With world > 1 (an initialised torch.distributed group, e.g. under torchrun), process `rank` builds
     every world-th index file; the file records are gathered and rank 0 writes the manifest.
-    Memory: one chunk of float32 training vectors (65,536 x d) plus the index being built.
+    Memory: the block's uint8 windows (N x d bytes, for the duplicate scan), one chunk of float32 training
+    vectors (65,536 x d) and the index being built.
     """
     import faiss
     from tqdm import tqdm
@@ -289,14 +402,20 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
         name = file_name(s, by, bx)
         path = bundle / name
         rec = done.get(name)
-        if rec and path.exists() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
+        if _recorded(path, rec) and _recorded(bundle / entries_name(s, by, bx), rec.get("entries")):
             files[name] = rec
         elif i % world == rank:
-            index, lists = block_index(data, win, kind, nlist or 0, pq_m, gpu)
+            # distinct windows (entries) with their members, the index over them, then their cell bounds
+            offsets, members = block_entries(data, win)
+            reps = torch.from_numpy(members[offsets[:-1]].astype(np.int64))
+            index, file_kind, lists = block_index(data, win, reps, kind, nlist or 0, pq_m, gpu)
             raw = faiss.serialize_index(index).tobytes()
+            ent = entries_bytes(data, win, s, index, file_kind, offsets, members)
+            _write_atomic(bundle / entries_name(s, by, bx), ent)
             _write_atomic(path, raw)
-            files[name] = {"s": s, "block": [by, bx], "window": list(win), "nlist": lists if ivf else None,
-                           "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+            files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "nlist": lists,
+                           "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                           "entries": {"count": len(reps), "size": len(ent), "sha256": hashlib.sha256(ent).hexdigest()}}
             _write_json(journal, {**params, "files": {**done, **files}})
     if world > 1:
         import torch.distributed as dist
@@ -306,6 +425,7 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
         files = {k: v for part in parts for k, v in part.items()}
     manifest = {**params, "files": dict(sorted(files.items()))}
     if rank == 0:
+        manifest["neighbours"] = {str(s): neighbour_stats(data, s) for s in sizes}
         # the manifest is written last: a bundle without one is unfinished
         _write_json(bundle / MANIFEST, manifest)
         for f in bundle.glob(".progress*.json"):
@@ -313,6 +433,39 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     if world > 1:
         dist.barrier()
     return manifest
+
+
+@dataclass
+class BlockEntries:
+    """One block's entries and cell bounds, as stored in its `.npz` (module docstring).
+
+    members int32 [Nv] and offsets int64 [E+1]: entry e (index id e) is the identical windows of virtual
+    images members[offsets[e]:offsets[e+1]]; cell int32 [E]: its cell; centroids float32 [L, D]; radius
+    float64 [L, P]: the cell's radius at each crop location of the block (row-major by corner); lo, hi
+    uint8 [L, D]: the per-pixel range of the cell's entries."""
+
+    members: np.ndarray
+    offsets: np.ndarray
+    cell: np.ndarray
+    centroids: np.ndarray
+    radius: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def reps(self) -> np.ndarray:
+        """The representative virtual id of each entry (its first member) [E]."""
+        return self.members[self.offsets[:-1]]
+
+    def entry_of(self) -> np.ndarray:
+        """The entry of every virtual image [Nv] (int64)."""
+        out = np.empty(len(self.members), np.int64)
+        out[self.members] = np.repeat(np.arange(len(self.counts)), self.counts)
+        return out
 
 
 @dataclass
@@ -340,9 +493,26 @@ class Bundle:
     def xflip(self) -> bool:
         return bool(self.manifest["xflip"])
 
+    def file_kind(self, s: int, by: int, bx: int) -> str:
+        """One block's index kind: the bundle's, or flat where it has too few entries for IVF."""
+        return self.manifest["files"][file_name(s, by, bx)]["kind"]
+
     def file_nlist(self, s: int, by: int, bx: int) -> int:
         """Lists of one block's IVF index: the bundle's nlist, or 1 where its k-means collapsed."""
         return int(self.manifest["files"][file_name(s, by, bx)].get("nlist") or self.manifest["nlist"])
+
+    def entries(self, s: int, by: int, bx: int) -> BlockEntries:
+        """The block's entries and cell bounds (checksum verified on load, cached)."""
+        import io
+
+        name = entries_name(s, by, bx)
+        if name not in self._cache:
+            raw = (self.path / name).read_bytes()
+            if hashlib.sha256(raw).hexdigest() != self.manifest["files"][file_name(s, by, bx)]["entries"]["sha256"]:
+                raise UserError(f"{self.path / name}: checksum mismatch (file changed since the bundle was opened)")
+            with np.load(io.BytesIO(raw)) as f:
+                self._cache[name] = BlockEntries(**{k: f[k] for k in f.files})
+        return self._cache[name]
 
     def index(self, s: int, by: int, bx: int):
         import faiss
@@ -356,33 +526,36 @@ class Bundle:
             self._cache[name] = faiss.index_cpu_to_gpu(gpu_resources(), 0, index) if self.gpu else index
         return self._cache[name]
 
-    def search(self, s: int, by: int, bx: int, queries: torch.Tensor, k: int, nprobe: int | None = None):
-        """Candidate ids [B, min(k, N)] (int64) for window queries [B, d], every row full.
+    def search(self, s: int, by: int, bx: int, queries: torch.Tensor, k: int, nprobe: int | None = None,
+               distances: bool = False):
+        """Candidate entries [B, min(k, E)] (int64 index ids, `entries`) for window queries [B, d], every
+        row full; with `distances` also their FAISS squared distances [B, min(k, E)] float32 (approximate
+        for sq8 and PQ codes, rounded for flat ones).
 
         IVF indices are probed in nprobe lists (default: the manifest's); rows whose probed lists hold
-        fewer than k patches (duplicates leave lists empty or small) are searched again with the probe
-        doubled, up to every list, which holds all N (on the GPU, up to 2048 lists). FAISS distances
-        are dropped: candidates are rescored from the store. Raises UserError for k > 2048 on the GPU."""
+        fewer than k entries are searched again with the probe doubled, up to every list, which holds all
+        E (on the GPU, up to 2048 lists). Raises UserError for k > 2048 on the GPU."""
         index = self.index(s, by, bx)
         k = min(k, index.ntotal)
         if self.gpu and k > 2048:
             raise UserError(f"k={k}: FAISS GPU search returns at most 2048 candidates")
         x = np.ascontiguousarray(queries.to(torch.float32).cpu().numpy())
-        if not self.kind.startswith("ivf"):
-            return torch.from_numpy(index.search(x, k)[1])
+        if not self.file_kind(s, by, bx).startswith("ivf"):
+            dist, ids = index.search(x, k)
+            return (torch.from_numpy(ids), torch.from_numpy(dist)) if distances else torch.from_numpy(ids)
         # faiss-gpu probes at most 2048 lists: a row still short there keeps -1 ids (retrieve masks them)
         lists = self.file_nlist(s, by, bx)
         most = min(lists, 2048) if self.gpu else lists
         probe = min(int(nprobe or self.manifest["nprobe"]), most)
         self._set_nprobe(index, probe)
-        ids = index.search(x, k)[1]
+        dist, ids = index.search(x, k)
         short = np.flatnonzero((ids < 0).any(1))
         while len(short) and probe < most:
             probe = min(2 * probe, most)
             self._set_nprobe(index, probe)
-            ids[short] = index.search(x[short], k)[1]
+            dist[short], ids[short] = index.search(x[short], k)
             short = short[(ids[short] < 0).any(1)]
-        return torch.from_numpy(ids)
+        return (torch.from_numpy(ids), torch.from_numpy(dist)) if distances else torch.from_numpy(ids)
 
     def _set_nprobe(self, index, nprobe: int) -> None:
         """faiss-gpu IVF indices take nprobe directly; CPU ones are reached through their wrappers."""
@@ -410,6 +583,10 @@ def open_bundle(path, store, gpu: bool = False) -> Bundle:
         raise UserError(f"{path}: unreadable bundle manifest ({type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a pspc-index bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: bundle format {manifest.get('format_version')}, this pspc-index reads format "
+                        f"{FORMAT_VERSION} (duplicate-aware entries and cell bounds); rebuild it: pspc-index "
+                        f"build STORE {path} --overwrite")
     # store.sha256 is hashed from the pixels as read, so a store rewritten in place is caught here too
     if manifest.get("store_sha256") != store.sha256 or manifest.get("shape") != list(store.shape):
         built = str(manifest.get("store_sha256"))
@@ -420,13 +597,13 @@ def open_bundle(path, store, gpu: bool = False) -> Bundle:
                         f"not {store.path} ({store.sha256[:12]}, shape {list(store.shape)}); give the bundle "
                         "built for this store, or build one")
     for name, rec in manifest.get("files", {}).items():
-        f = path / name
-        if not f.exists():
-            raise UserError(f"{f}: index file missing (rebuild the bundle to resume)")
-        if f.stat().st_size != rec["size"]:
-            raise UserError(f"{f}: truncated or resized ({f.stat().st_size} bytes, manifest says {rec['size']})")
-        if sha256_file(f) != rec["sha256"]:
-            raise UserError(f"{f}: checksum mismatch (corrupted index file)")
+        for f, r in ((path / name, rec), (path / name.replace(".faiss", ".npz"), rec["entries"])):
+            if not f.exists():
+                raise UserError(f"{f}: index file missing (rebuild the bundle to resume)")
+            if f.stat().st_size != r["size"]:
+                raise UserError(f"{f}: truncated or resized ({f.stat().st_size} bytes, manifest says {r['size']})")
+            if sha256_file(f) != r["sha256"]:
+                raise UserError(f"{f}: checksum mismatch (corrupted index file)")
     if gpu:
         gpu_resources()
     return Bundle(path=path, manifest=manifest, gpu=gpu and manifest["kind"] != "sq8")

@@ -1,38 +1,51 @@
-"""PSPC-Square with retrieval (DESIGN.md section 2): top-k candidates from an index bundle, rescored
-exactly from the uint8 store by the exact kernel (`posterior.patch_posterior`), plus an optional
-uniform tail sample (Niedoba et al. 2024).
+"""PSPC-Square with retrieval (DESIGN.md section 2): top-k entries from an index bundle, rescored exactly
+from the uint8 store by the exact kernel (`posterior.patch_posterior`), a certified bound on every crop
+location's error, and per-location routing to the exact kernel where that bound exceeds the tolerance.
 
-Per s and anchor block (stride x stride locations sharing one union-window index), all at once:
-  1. one FAISS search of the block's window gives k candidate ids per query (`RetrievalPSPC.candidates`;
-     excluded images are dropped from a widened search, so every candidate takes part);
-  2. the candidates' windows, gathered from the uint8 store, are the keys of one kernel call with a
-     group per query whose rows are the block's crop locations as masked queries (zero outside the crop;
-     per-row crop norms), so one GEMM scores every location without copying each location's patches
+Per s and anchor block (stride x stride locations sharing one union-window index), for all queries at once
+(`RetrievalPSPC.retrieve`, one named step each):
+  1. search: one FAISS search of the block's window gives k candidate entries per query (an entry is the
+     identical windows of several images, `index.BlockEntries`; entries none of whose members take part
+     are dropped from a widened search);
+  2. dedup expansion: each entry is scored once, by its representative's window, with log weight
+     log(count of its members taking part) (exact: identical windows give identical patch terms at every
+     location of the block);
+  3. rescoring: the representatives' windows, gathered from the uint8 store, are the keys of one kernel
+     call with a group per query whose rows are the block's crop locations as masked queries
      (`candidate_posterior`): exact logits (FAISS codes and distances never enter the softmax), each
-     (location, query)'s candidate posterior mean, log normaliser and smallest logit;
-  3. with tail="sample", m ids drawn uniformly (with replacement) from the included images, seeded by
-     (seed, s, block) and shared by the block's locations and queries: their patches at every location
-     are the keys of one kernel call with a group per location and the queries as its rows
-     (`tail_posterior`), each term weighted N/m (1 when m >= N: the tail is every image, exactly) and
-     excluded (log weight -inf) where the draw is one of the query's candidates: an unbiased estimate of
-     the rest of each normaliser and of its weighted sum;
-  4. the two states merge per (location, query) by their log normalisers (`posterior.merge`); the patch
-     means are summed into the window and divided by the (global) coverage (`fold_window`). The
-     per-pixel weights a_i[p] (sum one at every pixel) come from the kernel's second pass with the merged
-     log normaliser, only for attribution (`attribute_block`).
+     (location, query)'s candidate mean and log normaliser Z_S. With tail="sample", m ids drawn uniformly
+     among the included images (seeded by seed, s, block; shared by the block's queries) are scored by a
+     second call (`tail_posterior`), weight N/m, a draw that is a member of one of the query's candidate
+     entries excluded (its term is already exact), and the two states merge by log normaliser;
+  4. bounding (`unscored_bound`): every image not scored lies in some cell of the block's index, and the
+     stored cell bounds give, per location C, a lower bound on its squared crop distance: the triangle
+     inequality with the cell's centroid and radius, the cell's per-pixel box, and, for flat indices, the
+     k-th FAISS window distance less the most the rest of the window can add. With U the sum of the
+     unscored images' largest possible terms, eps = U / (Z_S + U) bounds the unscored posterior mass, and
+     the patch mean's error is at most 2 eps per coordinate (pixels in [-1, 1]); with the tail, plus the
+     largest coordinate by which the merged mean moved off the candidates' mean. A valid bound, not an
+     estimate (beyond the kernel's own rounding, posterior.py: <= 4e-6, 0 in float64);
+  5. routing: with a tolerance, locations whose bound exceeds it are recomputed by the exact kernel over
+     the whole training set, all of a patch size's routed (location, query) pairs in one batched call
+     (`exact_pairs`); the composite's error at a pixel is the mean of its covering crops' errors, so every
+     pixel's certified error is <= tol. Before searching, a predictor (`diffuse`) sends queries whose
+     posterior is predictably too diffuse for k entries (the bundle's median squared distance Delta_k from a
+     training crop to its k-th nearest distinct crop: predicted unscored mass N e^(-Delta_k / 2t^2) / (1 +
+     N e^(-Delta_k / 2t^2)), doubled, above tol) to the exact kernel without searching.
+The patch means are summed into the window and divided by the (global) coverage (`fold_window`). The
+per-pixel weights a_i[p] (sum one at every pixel) come from the kernel's second pass with the merged log
+normaliser, only for attribution (`attribute_block`); an entry's weight is spread equally over its members
+taking part, as the exact path gives each identical member.
 
-Exclusion (`TrainingSet.without`): with N the included virtual images, excluded ids (and their flips) are
-never candidates, and the tail draws among the included images only, so its estimator (weight N/m over
-included draws) is unbiased for the included rest and exact once m >= N.
+Exclusion (`TrainingSet.without`): with N the included virtual images, excluded members never count, an
+entry without included members is never a candidate, and the tail draws among the included images only.
 
-Report (`last_report[s]`, per query and location [B, gh, gw]; `block_report`): eps_bar =
-(N-k) e^{l_k} / (Z_k + (N-k) e^{l_k}) from the top-k part (l_k: the smallest candidate logit). It bounds
-the neglected mass only if the k are the true k nearest of that location; that holds for a flat index
-with stride 1 ("certified": True). With union windows (stride > 1), sq8 or PQ codes, or IVF with
-nprobe < nlist, the candidates are the nearest by another distance, so eps_bar is an estimate, not a
-certificate. With tail="sample", rel_se is the estimated relative standard error of the normaliser
-estimate (sample variance of the m per-draw estimates; 0 when m >= N); log_z is the log of the
-normaliser used (log sum of e^{-d/2t^2}).
+Report (`last_report[s]` of the last call, and one summary per call in `history`): per query and location
+[B, gh, gw]: eps_bar (the certified unscored mass fraction), bound (the retrieval result's certified
+error per coordinate, before routing), routed (recomputed exactly, skipped queries included); per pixel
+[B, H, W]: pixel_bound (the composite's certified error after routing); fractions of locations that took
+each path (retrieval, exact, skipped) and bound_max; with the tail, rel_se (the estimated relative
+standard error of the normaliser estimate; 0 when m >= N) and log_z (log of the normaliser used).
 """
 from __future__ import annotations
 
@@ -46,12 +59,15 @@ from .denoisers import PSPCSquare
 from .distributed import all_reduce_sum, split_range
 from .errors import UserError
 from .geometry import SquareCrops
-from .index import Bundle, blocks, window_u8
-from .posterior import CHUNK_ELEMENTS, KEYS_PER_TILE, KeyChunk, merge, patch_posterior, unfold_u8
+from .index import RANKS, Bundle, blocks, crop_mask, window_u8
+from .posterior import (CHUNK_ELEMENTS, KEYS_PER_TILE, KeyChunk, keys_per_chunk, logit_dtype, merge,
+                        patch_posterior, square_patches, stored_key_chunks, unfold_u8)
 from .schedule import Schedule
 from .store import TrainingSet
 
-TOL_GROWTH = (1, 4, 16)  # --tol: k and m multipliers tried before the exact fallback
+DEFAULT_TOL = 1e-3  # certified composite error per pixel the CLI's routing aims at (issue 11)
+EXACT_KEY_BYTES = 2 ** 28  # bytes of gathered stored patches per exact_pairs kernel call
+MEMBERS_PER_CALL = 16384  # members per attribution callback when an entry's weight is spread
 
 
 def isin_rows(ids: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -150,26 +166,99 @@ def fold_window(mean: torch.Tensor, c: int, wh: int, ww: int, s: int) -> torch.T
     return F.fold(mean.permute(1, 2, 0), (wh, ww), (s, s)).view(mean.shape[1], c, wh, ww)
 
 
-def block_report(cand, tail, lse, q, t, kv, n, m):
-    """Per (location, query) report of one block, each [P, B] float64 (module docstring):
-    eps_bar from the candidates' (mean, lse, lmin) `cand` and the valid candidate counts kv [B] of N = n
-    included images; rel_se from the tail's (mean, lse, lse2) `tail` of m draws (None: no sampled tail);
-    log_z = the merged lse [P, B] plus the row constant -||z_C||^2 / 2t^2 of the queries q [P, B, d].
-    m = 0: no sampled tail, or the exact one (every included image): rel_se 0."""
-    _, lse_c, lmin = cand
-    log_rest = torch.log((n - kv).clamp_min(1).to(torch.float64)) + lmin
-    eps_bar = torch.sigmoid(log_rest - lse_c) * (kv < n)
-    rel_se = torch.zeros_like(lse)
-    if tail is not None and m > 1:
-        # per-draw estimates X_j = m y_j of the tail sum T = sum_j y_j: Var(T) ~ (m sum y^2 - T^2) / (m - 1)
-        _, lse_t, lse2 = tail
-        var = (m * torch.exp(lse2 - 2 * lse) - torch.exp(2 * (lse_t - lse))) / (m - 1)
-        rel_se = var.clamp_min(0).sqrt()
-    log_z = lse - (q * q).sum(2) / (2 * t.to(q) ** 2)
-    return eps_bar, rel_se, log_z
+def unscored_bound(zw: torch.Tensor, t: torch.Tensor, s: int, win: tuple[int, int, int, int], c: int, cells,
+                   unscored: torch.Tensor, log_zs: torch.Tensor, kth: torch.Tensor | None = None) -> torch.Tensor:
+    """Certified bound on the posterior mass of the images not scored, per (location, query) of a block.
+
+    zw [B, D] float64 window queries (D = C*wh*ww, [-1, 1] units); t [B] float64 (EDM sigma); cells:
+    (centroids [L, D], radius [L, P], lo [L, D], hi [L, D]) float64 in [-1, 1] units (`Block`); unscored
+    [B, L] float64: images taking part that were not scored, per cell; log_zs [P, B] float64: log of the
+    scored normaliser, log sum_scored count e^(-||z_C - x_C||^2 / 2t^2); kth [B] float64 or None: a lower
+    bound on the squared window distance of every unscored image (flat indices).
+    Per cell and location, the unscored images' squared crop distance is at least the largest of: the
+    triangle bound (||z_C - mu_C|| - r_C)^2, the box bound sum_{p in C} dist(z_p, [lo_p, hi_p])^2, and
+    kth less the most the window outside C can add, sum_{p not in C} max((z_p - lo_p)^2, (z_p - hi_p)^2)
+    (every term computed in float64 and lowered by a 1e-12 relative slack for its rounding). With U = sum
+    over cells of unscored e^(-bound / 2t^2), returns eps = U / (Z_S + U) [P, B] float64: an upper bound on
+    the unscored posterior mass fraction (U / (Z_S + U) increases with U).
+    """
+    mu, radius, lo, hi = cells
+    mask = crop_mask(c, win[1] - win[0], win[3] - win[2], s).to(zw.device)  # [P, D]
+    zz = (zw * zw) @ mask.T  # [B, P]
+    # 1. triangle: ||z_C - mu_C||^2 = ||z_C||^2 - 2 z_C . mu_C + ||mu_C||^2, less its rounding slack
+    mm = ((mu * mu) @ mask.T).T[None]  # [1, P, L]
+    d2 = zz[..., None] - 2 * (zw[:, None, :] * mask[None]) @ mu.T + mm  # [B, P, L]
+    d2 = (d2 - 1e-12 * (zz[..., None] + mm + 1)).clamp_min(0)
+    low = (d2.sqrt() - radius.T[None]).clamp_min(0) ** 2
+    # 2. box: each pixel's distance to the cell's range, summed over the crop (a few queries at a time)
+    step = max(1, CHUNK_ELEMENTS // (8 * lo.numel()))
+    for i in range(0, len(zw), step):
+        zc = zw[i:i + step, None]
+        gap = (lo[None] - zc).clamp_min(0) + (zc - hi[None]).clamp_min(0)  # [b, L, D]
+        low[i:i + step] = torch.maximum(low[i:i + step], ((gap * gap) @ mask.T).transpose(1, 2) * (1 - 1e-12))
+    # 3. flat: the window distance is >= kth, of which the rest of the window takes at most its farthest corner
+    if kth is not None:
+        far = torch.maximum((zw[:, None] - lo[None]) ** 2, (zw[:, None] - hi[None]) ** 2).amax(1)  # [B, D]
+        rest = far @ (1 - mask).T  # [B, P]
+        low = torch.maximum(low, (kth[:, None] - rest - 1e-12 * (kth[:, None] + rest + 1)).clamp_min(0)[..., None])
+    # 4. U per location, and the mass fraction it can hold against the scored normaliser
+    log_u = torch.logsumexp(torch.log(unscored.clamp_min(0))[:, None, :] - low / (2 * t[:, None, None] ** 2), 2).T
+    return torch.where(log_u == -math.inf, torch.zeros_like(log_u), torch.sigmoid(log_u - log_zs))
+
+
+def tail_rel_se(tail, lse: torch.Tensor, m: int) -> torch.Tensor:
+    """Estimated relative standard error [P, B] of the merged normaliser (log lse [P, B]) from the tail's
+    (mean, lse, lse2) of m uniform draws: per-draw estimates X_j = m y_j of the tail sum T = sum_j y_j,
+    Var(T) ~ (m sum y^2 - T^2) / (m - 1)."""
+    _, lse_t, lse2 = tail
+    var = (m * torch.exp(lse2 - 2 * lse) - torch.exp(2 * (lse_t - lse))) / (m - 1)
+    return var.clamp_min(0).sqrt()
+
+
+class Block:
+    """One block's entries as retrieval uses them, on `device`, with the training set's exclusions:
+    reps [E] (representative virtual ids), counts [E], incl [E] (members taking part), members, offsets,
+    cell [E], incl_cell [L] float64, cells (centroids, radius, lo, hi) float64 in [-1, 1] units (see
+    `unscored_bound`), kind (the block's index kind); entry_of [Nv] (virtual id -> entry) on first use."""
+
+    def __init__(self, bundle: Bundle, s: int, by: int, bx: int, excluded: torch.Tensor | None, device):
+        e = bundle.entries(s, by, bx)
+        self._entries = e
+        self.kind = bundle.file_kind(s, by, bx)
+        self.members = torch.from_numpy(e.members.astype(np.int64))
+        self.offsets = torch.from_numpy(e.offsets)
+        self.counts = torch.from_numpy(e.counts)
+        self.reps = torch.from_numpy(e.reps.astype(np.int64)).to(device)
+        # members taking part per entry: all of them, or those the training set does not exclude
+        self.incl = self.counts if excluded is None else torch.from_numpy(
+            np.add.reduceat((~excluded.numpy()[e.members]).astype(np.int64), e.offsets[:-1]))
+        self.alive = int((self.incl > 0).sum())
+        self.cell = torch.from_numpy(e.cell.astype(np.int64))
+        self.incl_cell = torch.zeros(len(e.centroids), dtype=torch.float64).index_add_(0, self.cell, self.incl.double())
+        px = lambda u: torch.from_numpy(u).to(device, torch.float64) / 127.5 - 1  # noqa: E731
+        self.cells = (torch.from_numpy(e.centroids).to(device, torch.float64), torch.from_numpy(e.radius).to(device),
+                      px(e.lo), px(e.hi))
+        self._entry_of = None
+
+    @property
+    def entry_of(self) -> torch.Tensor:
+        if self._entry_of is None:
+            self._entry_of = torch.from_numpy(self._entries.entry_of())
+        return self._entry_of
+
+
+def rows_hook(on_weights, idx: torch.Tensor):
+    """on_weights for a sub-batch z[idx]: its rows mapped back to the batch's (None stays None)."""
+    if on_weights is None:
+        return None
+    return lambda rows, ids, a, win: on_weights(idx[rows], ids, a, win)
 
 
 class RetrievalPSPC(PSPCSquare):
+    """PSPC-Square from an index bundle, certified per location (module docstring). tol: None reports the
+    bounds and routes nothing; a value routes every location whose certified error exceeds it to the exact
+    kernel (and lets the predictor skip the search), so every composite pixel is within tol of exact."""
+
     name = "pspc-square+index"
 
     def __init__(self, data: TrainingSet, bundle: Bundle, k: int = 1024, tail: str = "sample", m: int = 4096,
@@ -180,14 +269,17 @@ class RetrievalPSPC(PSPCSquare):
             raise UserError(f"--tail must be 'sample' or 'none', got {tail!r}")
         if k < 1 or m < 1 or (nprobe is not None and nprobe < 1):
             raise UserError(f"k, m and nprobe must be >= 1, got k={k}, m={m}, nprobe={nprobe}")
+        if tol is not None and not tol > 0:
+            raise UserError(f"--tol must be > 0, got {tol}")
         if list(bundle.manifest["shape"][1:]) != list(data.shape) or bundle.xflip != data.xflip:
             raise UserError(f"{bundle.path}: built for {bundle.manifest['shape']} with xflip={bundle.xflip}, "
                             f"the training set is {[data.n_stored, *data.shape]} with xflip={data.xflip}")
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
         self.nprobe = nprobe
-        self.certified = bundle.kind == "flat" and bundle.stride == 1
         self.last_report: dict[int, dict] = {}
+        self.history: list[dict] = []
         self._tail_ids: dict[tuple, torch.Tensor] = {}
+        self._blocks: dict[tuple, Block] = {}
         # excluded virtual images (flips share their original's flag) and the included ids, in order
         lw = data.log_weights(virtual=True)
         self.excluded = None if lw is None else torch.isinf(lw).cpu()
@@ -197,28 +289,71 @@ class RetrievalPSPC(PSPCSquare):
         self.last_report = {}
         return super().denoise(z, t)
 
-    def error(self, rep: dict) -> float:
-        """What --tol is compared with: the largest eps_bar (tail none) or tail relative SE (sample)."""
-        return float((rep["eps_bar"] if self.tail == "none" else rep["rel_se"]).max())
-
     def patch_mean(self, z, t, s, on_weights=None):
         h, w = self.data.shape[1:]
         if s >= max(h, w) or s not in self.bundle.patch_sizes:
             self.last_report[s] = {"path": "exact" if s >= max(h, w) else "exact (s not in bundle)"}
             return super().patch_mean(z, t, s, on_weights)
-        # --tol: grow k and m until the reported error is below it, else the exact composite. The weights
-        # callback sees only the accepted evaluation (replayed: retrieval is deterministic).
-        growth = TOL_GROWTH if self.tol is not None else (1,)
-        for g in growth:
-            k, m = self.k * g, self.m * g
-            out, rep = self.retrieve(z, t, s, k, m, None if self.tol is not None else on_weights)
-            if self.tol is None or self.error(rep) <= self.tol:
-                if self.tol is not None and on_weights is not None:
-                    self.retrieve(z, t, s, k, m, on_weights)
-                self.last_report[s] = rep
-                return out
-        self.last_report[s] = {"path": f"exact (fallback: error {self.error(rep):.3g} > tol at k={k}, m={m})"}
-        return super().patch_mean(z, t, s, on_weights)
+        t = t.to(torch.float64)
+        skip = self.diffuse(t, s)
+        out, rep = torch.empty_like(z), None
+        keep = (~skip).nonzero().flatten()
+        if len(keep):
+            kd = keep.to(z.device)
+            out[kd], rep = self.retrieve(z[kd], t[keep], s, rows_hook(on_weights, keep))
+        if bool(skip.any()):
+            sk = skip.nonzero().flatten()
+            out[sk.to(z.device)] = super().patch_mean(z[sk.to(z.device)], t[sk], s, rows_hook(on_weights, sk))
+        self.last_report[s] = self.step_report(rep, skip, s)
+        self.history.append({"s": s, "t_min": float(t.min()), "t_max": float(t.max()), "queries": len(t),
+                             **{key: self.last_report[s][key] for key in ("fractions", "bound_max")}})
+        return out
+
+    def diffuse(self, t: torch.Tensor, s: int) -> torch.Tensor:
+        """The skip predictor: bool [B], queries (noise levels t [B]) whose size-s step runs exact without
+        searching, where a routing tol is set and the bundle's neighbour statistics predict that k entries
+        cannot hold the posterior: 2 eps_pred > tol, eps_pred = N e^(-Delta / 2t^2) / (1 + N e^(-Delta / 2t^2))
+        with Delta the median squared distance from a training crop to its r-th nearest distinct crop, r
+        the largest recorded rank <= k (`index.neighbour_stats`; None there: no such neighbour, no skip)."""
+        stats = self.bundle.manifest.get("neighbours", {}).get(str(s))
+        if self.tol is None or stats is None:
+            return torch.zeros(len(t), dtype=torch.bool)
+        delta = stats[max(i for i, r in enumerate(RANKS) if r <= self.k)]
+        if delta is None:
+            return torch.zeros(len(t), dtype=torch.bool)
+        log_mass = math.log(len(self.included)) - delta / (2 * t.cpu() ** 2)
+        return 2 * torch.sigmoid(log_mass) > self.tol
+
+    def step_report(self, rep: dict | None, skip: torch.Tensor, s: int) -> dict:
+        """The call's report for size s (module docstring): the retrieval report of the searched queries
+        `rep` (None: none searched) with the skipped queries' rows (routed, no bound) filled in."""
+        c, h, w = self.data.shape
+        b, gh, gw = len(skip), h - s + 1, w - s + 1
+        full = {"path": "retrieval" if rep is not None else "exact (skipped: predicted diffuse)", "s": s,
+                "k": self.k, "tail": self.tail, "m": self.m, "kind": self.bundle.kind, "stride": self.bundle.stride,
+                "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"), "tol": self.tol, "certified": True}
+        keep = ~skip
+        for key, fill in (("eps_bar", math.nan), ("bound", math.nan), ("routed", True), ("log_z", math.nan),
+                          ("rel_se", math.nan), ("pixel_bound", 0.0)):
+            shape = (b, h, w) if key == "pixel_bound" else (b, gh, gw)
+            v = torch.full(shape, fill, dtype=torch.bool if key == "routed" else torch.float64)
+            if rep is not None:
+                v[keep] = rep[key]
+            full[key] = v
+        if self.tail != "sample":
+            full["rel_se"] = None
+        routed, total = full["routed"], full["routed"].numel()
+        full["fractions"] = {"retrieval": float((~routed).sum()) / total,
+                             "exact": float(routed[keep].sum()) / total,
+                             "skipped": float(skip.sum()) * gh * gw / total}
+        full["bound_max"] = float(full["pixel_bound"].max())
+        return full
+
+    def block(self, s: int, by: int, bx: int) -> Block:
+        key = (s, by, bx)
+        if key not in self._blocks:
+            self._blocks[key] = Block(self.bundle, s, by, bx, self.excluded, self.device)
+        return self._blocks[key]
 
     def tail_ids(self, s: int, by: int, bx: int, m: int) -> torch.Tensor:
         """The block's m uniform draws among the included images [m] (all of them, once each, when
@@ -232,30 +367,17 @@ class RetrievalPSPC(PSPCSquare):
             self._tail_ids[key] = ids.to(self.device)
         return self._tail_ids[key]
 
-    def candidates(self, zw: torch.Tensor, s: int, by: int, bx: int, k: int) -> torch.Tensor:
-        """Candidate ids [B, k] (int64, nearest first by the index's distance, -1 where the index returned
-        none) of window queries zw [B, C*wh*ww]: included images only. With exclusions the search asks for
-        k + (excluded count) and keeps each row's first k included ids (an IVF search then probes wider)."""
-        if self.excluded is None:
-            return self.bundle.search(s, by, bx, zw, k, self.nprobe)
-        ids = self.bundle.search(s, by, bx, zw, min(k + int(self.excluded.sum()), len(self.data)), self.nprobe)
-        drop = (ids < 0) | self.excluded[ids.clamp_min(0)]
-        first = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]
-        return ids.gather(1, first).masked_fill(drop.gather(1, first), -1)
-
-    def retrieve(self, z, t, s, k, m, on_weights=None):
-        """Composite of patch size s from the bundle -> (output [B, C, H, W] z.dtype, report dict).
-        z [B, C, H, W] in [-1, 1]; t [B] float64 (EDM sigma); k candidates and m tail draws per block.
+    def retrieve(self, z, t, s, on_weights=None):
+        """Composite of patch size s from the bundle, routed per location -> (output [B, C, H, W] z.dtype,
+        report dict of [B, ...] tensors). z [B, C, H, W] in [-1, 1]; t [B] float64 (EDM sigma).
         on_weights(rows, ids [r, n], a [r, n, h, w], window) sees the per-pixel weights (attribution)."""
         c, h, w = self.data.shape
         n, b, dev = len(self.included), z.shape[0], z.device
-        k = min(k, n)
-        tail = self.tail == "sample" and k < n
-        t = t.to(torch.float64)
         inv_cov = (1 / SquareCrops(h, w, s).coverage).to(dev)
         out = torch.zeros(b, c, h, w, dtype=torch.float64, device=dev)
         gh, gw = h - s + 1, w - s + 1
-        eps_bar, rel_se, log_z = (torch.zeros(b, gh, gw, dtype=torch.float64, device=dev) for _ in range(3))
+        rep = {key: torch.zeros(b, gh, gw, dtype=torch.float64, device=dev)
+               for key in ("eps_bar", "bound", "routed", "log_z", "rel_se")}
         # under a location split this process takes its rows of blocks (and loads only their indices)
         rank, world = self.locations
         mine = split_range(-(-gh // self.bundle.stride), rank, world)
@@ -266,77 +388,233 @@ class RetrievalPSPC(PSPCSquare):
             ph, pw = r1 - r0 - s + 1, c1 - c0 - s + 1
             zw = z[:, :, r0:r1, c0:c1]
             q = unfold_u8(zw.to(torch.float64), s, s)  # [P, B, d] query patches
-            # 1. candidates, and the draws of the tail
-            ids = self.candidates(zw.flatten(1), s, by, bx, k).to(dev)
-            tid = self.tail_ids(s, by, bx, m) if tail else None
-            # 2.-3. the two exact kernel calls, merged per (location, query)
-            cand, tl, mean, lse = self.block_posterior(q, t, ids, tid, win, s, n)
-            # 4. patch means summed into the window, over the coverage; weights for attribution
-            out[:, :, r0:r1, c0:c1] += fold_window(mean, c, r1 - r0, c1 - c0, s) * inv_cov[r0:r1, c0:c1]
+            blk = self.block(s, by, bx)
+            ids, dist = self.search(zw.flatten(1), s, by, bx, blk)  # 1. search
+            reps, log_w = self.expand(ids, blk)  # 2. dedup expansion
+            tid = self.tail_ids(s, by, bx, self.m) if self.tail == "sample" and ids.shape[1] < blk.alive else None
+            cand, tl, mean, lse, dt = self.rescore(q, t, reps, log_w, ids, tid, win, s, n, blk)  # 3. rescoring
+            eps, bound = self.bound(zw, t, s, win, q, ids, dist, cand, mean, blk)  # 4. bounding
+            route = bound > self.tol if self.tol is not None else torch.zeros_like(bound, dtype=torch.bool)
+            # 5. routing: certified locations fold in now, the rest after the block loop (exact_pairs)
+            keep = ~route
+            out[:, :, r0:r1, c0:c1] += fold_window(mean * keep[..., None], c, r1 - r0, c1 - c0, s) * inv_cov[r0:r1, c0:c1]
             if on_weights is not None:
-                self.attribute_block(q, t, ids, tid, win, s, n, lse, inv_cov[r0:r1, c0:c1], on_weights)
-            rep = block_report(cand, tl, lse, q, t, (ids >= 0).sum(1), n, 0 if tid is None or m >= n else len(tid))
-            for dst, v in zip((eps_bar, rel_se, log_z), rep):
-                dst[:, r0:r0 + ph, c0:c0 + pw] = v.T.reshape(b, ph, pw)
+                self.attribute_block(q, t, ids, reps, log_w, tid, win, s, n, lse, inv_cov[r0:r1, c0:c1], keep, blk,
+                                     on_weights, dt)
+            log_z = lse - (q * q).sum(2) / (2 * t.to(q) ** 2)
+            m_used = 0 if tid is None or self.m >= n else len(tid)
+            rel_se = tail_rel_se(tl, lse, m_used) if tl is not None and m_used > 1 else torch.zeros_like(lse)
+            for key, v in (("eps_bar", eps), ("bound", bound), ("routed", route.double()), ("log_z", log_z),
+                           ("rel_se", rel_se)):
+                rep[key][:, r0:r0 + ph, c0:c0 + pw] = v.T.reshape(b, ph, pw)
+        routed = rep["routed"] > 0
+        if bool(routed.any()):
+            qb, ly, lx = routed.nonzero(as_tuple=True)
+            d = c * s * s
+            pm = torch.zeros(gh * gw, b, d, dtype=torch.float64, device=dev)
+            pm[ly * gw + lx, qb] = self.exact_pairs(z, t, s, ly * gw + lx, qb, inv_cov, on_weights)
+            out += fold_window(pm, c, h, w, s) * inv_cov
         if world > 1:
-            for x in (out, eps_bar, rel_se, log_z):
+            for x in (out, *rep.values()):
                 all_reduce_sum(x)
-        rep = {"path": "retrieval", "s": s, "k": k, "tail": self.tail, "m": m, "kind": self.bundle.kind,
-               "stride": self.bundle.stride, "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"),
-               "certified": self.certified, "eps_bar": eps_bar.cpu(), "log_z": log_z.cpu(),
-               "rel_se": rel_se.cpu() if self.tail == "sample" else None}
+        rep = {key: v.cpu() for key, v in rep.items()}
+        rep["routed"] = rep["routed"] > 0
+        # certified composite error per pixel: the mean of its covering crops' bounds (0 where exact)
+        per_loc = rep["bound"].masked_fill(rep["routed"], 0).flatten(1)
+        rep["pixel_bound"] = SquareCrops(h, w, s).uncrop(per_loc) * (1 / SquareCrops(h, w, s).coverage)
         return out.to(z.dtype), rep
+
+    def search(self, zw: torch.Tensor, s: int, by: int, bx: int, blk: Block):
+        """Step 1: candidate entries [B, k'] (int64, nearest first by the index's distance, -1 where none)
+        of window queries zw [B, C*wh*ww], k' = min(k, entries taking part), and their FAISS squared
+        distances [B, k'] float64. Entries none of whose members take part are asked for on top of k and
+        dropped (an IVF search then probes wider)."""
+        k = min(self.k, blk.alive)
+        asked = min(k + len(blk.incl) - blk.alive, len(blk.incl))
+        ids, dist = self.bundle.search(s, by, bx, zw, asked, self.nprobe, distances=True)
+        drop = (ids < 0) | (blk.incl[ids.clamp_min(0)] == 0)
+        first = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]
+        gone = drop.gather(1, first)
+        return (ids.gather(1, first).masked_fill(gone, -1).to(self.device),
+                dist.gather(1, first).to(torch.float64).masked_fill(gone, math.inf).to(self.device))
+
+    def expand(self, ids: torch.Tensor, blk: Block):
+        """Step 2: candidate entries ids [B, k] -> (representative virtual ids [B, k] (0 where none), log
+        weights [B, k] float64: log(members taking part), -inf where none)."""
+        valid = ids >= 0
+        e = ids.clamp_min(0)
+        log_w = torch.log(blk.incl.to(ids.device, torch.float64)[e]).masked_fill(~valid, -math.inf)
+        return blk.reps[e], log_w
 
     def query_chunks(self, qm: torch.Tensor, k: int) -> list[slice]:
         """Query rows per candidate kernel call, from masked queries qm [B, P, D]: the gathered uint8
         windows [r, k, D], their crop norms [r, P, k] and the logits stay near CHUNK_ELEMENTS bytes."""
         b, p, d = qm.shape
-        step = max(1, CHUNK_ELEMENTS // (k * (d + 16 * p)))
+        step = max(1, CHUNK_ELEMENTS // (max(k, 1) * (d + 16 * p)))
         return [slice(i, min(i + step, b)) for i in range(0, b, step)]
 
-    def block_posterior(self, q, t, ids, tid, win, s, n):
-        """One block's exact rescoring. q [P, B, d] float64 query patches, t [B], ids [B, k] candidates
-        (-1: none), tid [m] tail draws or None, n included images. Returns (cand, tail, mean, lse): the
-        candidates' (mean, lse, lmin) and the tail's (mean, lse, lse2) (None without a sampled tail), each
-        [P, B, d] / [P, B] float64, and the merged mean [P, B, d] and log normaliser [P, B]."""
+    def rescore(self, q, t, reps, log_w, ids, tid, win, s, n, blk):
+        """Step 3: one block's exact rescoring. q [P, B, d] float64 query patches, t [B], reps/log_w [B, k]
+        from `expand`, ids [B, k] the entries, tid [m] tail draws or None, n included images. Returns
+        (cand, tail, mean, lse, dtype): the candidates' (mean, lse, lmin) and the tail's (mean, lse, lse2)
+        (None without a sampled tail), each [P, B, d] / [P, B] float64, the merged mean [P, B, d] and log
+        normaliser [P, B], and the kernel precision used (the log counts' rounding included)."""
         qm, at_crops = masked_queries(q, win, s)
+        lw_max = float(log_w[torch.isfinite(log_w)].max()) if bool(torch.isfinite(log_w).any()) else 0.0
+        dt = self.dtype or logit_dtype(qm, t[:, None].expand(qm.shape[:2]), qm.shape[-1], lw_max)
         parts = []
-        for r in self.query_chunks(qm, ids.shape[1]):
-            keys = window_keys(self.data, ids[r].clamp_min(0), win, s)
-            mean, lse, lmin = candidate_posterior(qm[r], t[r], keys, self._candidate_log_w(ids[r]), self.dtype)
+        for r in self.query_chunks(qm, reps.shape[1]):
+            keys = window_keys(self.data, reps[r], win, s)
+            mean, lse, lmin = candidate_posterior(qm[r], t[r], keys, log_w[r], dt)
             parts.append((at_crops(mean), lse.T, lmin.T))
         cand = tuple(torch.cat(v, 1) for v in zip(*parts))
         if tid is None:
-            return cand, None, cand[0], cand[1]
-        tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self._tail_log_w(ids, tid), n, self.dtype)
-        return (cand, tl, *merge(cand[0], cand[1], tl[0], tl[1]))
+            return cand, None, cand[0], cand[1], dt
+        tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt)
+        return (cand, tl, *merge(cand[0], cand[1], tl[0], tl[1]), dt)
 
-    def attribute_block(self, q, t, ids, tid, win, s, n, lse, inv_cov, on_weights):
+    def bound(self, zw, t, s, win, q, ids, dist, cand, mean, blk):
+        """Step 4: (eps [P, B], bound [P, B]) float64: the certified unscored mass fraction
+        (`unscored_bound`) and the certified error per coordinate of each location's mean: 2 eps, plus,
+        with the tail, the largest coordinate by which the merged mean [P, B, d] moved off the candidates'."""
+        c = self.data.shape[0]
+        z64 = zw.flatten(1).to(torch.float64)
+        # images taking part but not scored, per cell
+        e = ids.clamp_min(0)
+        scored = (blk.incl.to(ids.device, torch.float64)[e] * (ids >= 0))
+        cells = blk.cell.to(ids.device)[e]
+        unscored = blk.incl_cell.to(ids.device)[None] - torch.zeros(len(ids), len(blk.incl_cell), dtype=torch.float64,
+                                                                     device=ids.device).scatter_add_(1, cells, scored)
+        # a flat index's k-th FAISS distance, less its float32 rounding, bounds every unscored window
+        kth = None
+        if blk.kind == "flat" and ids.shape[1]:
+            dd = z64.shape[1]
+            err = 4 * (dd + 3) * 2.0 ** -24 * (z64.norm(dim=1) + math.sqrt(dd)) ** 2
+            kth = dist[:, -1] - err
+        log_zs = cand[1] - (q * q).sum(2) / (2 * t.to(q) ** 2)
+        eps = unscored_bound(z64, t.to(z64.device), s, win, c, blk.cells, unscored, log_zs, kth)
+        bound = 2 * eps
+        if mean is not cand[0]:
+            bound = bound + (mean - cand[0]).abs().amax(2)
+        return eps, torch.nan_to_num(bound, nan=math.inf)
+
+    def exact_pairs(self, z, t, s, loc, qb, inv_cov, on_weights=None):
+        """Step 5: the exact patch means [n, C*s*s] float64 of (location loc[i], query qb[i]) pairs (loc
+        row-major over the (H-s+1) x (W-s+1) grid) over the whole training set, all pairs in one batch:
+        one kernel group per key location, its rows the pairs' query patches there (the flipped half of the
+        set: the mirror location's stored patches against the flipped query patch, merged per pair), padded
+        to equal length. on_weights as in `retrieve` (one call per key chunk and half, whole-image window)."""
+        c, h, w = self.data.shape
+        gw, nst, d = w - s + 1, self.data.n_stored, c * s * s
+        u8, sq = square_patches(self.data, s, s)
+        q = unfold_u8(z.to(torch.float64), s, s)[loc, qb]  # [n, d]
+        # rows: (key location, query patch, t) per pair, and its flipped half at the mirrored location
+        halves = 2 if self.data.xflip else 1
+        mirror = loc - loc % gw + (gw - 1 - loc % gw)
+        rloc = torch.cat([loc, mirror][:halves])
+        rq = torch.cat([q, q.unflatten(-1, (c, s, s)).flip(-1).flatten(1)][:halves])
+        # groups: one per key location, its rows padded to the longest
+        order = torch.argsort(rloc, stable=True)
+        keys_at, counts = torch.unique_consecutive(rloc[order], return_counts=True)
+        g_of = torch.repeat_interleave(torch.arange(len(counts), device=loc.device), counts)
+        j_of = torch.arange(len(order), device=loc.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        zq = torch.zeros(len(counts), int(counts.max()), d, dtype=torch.float64, device=z.device)
+        tq = torch.ones(len(counts), int(counts.max()), dtype=torch.float64, device=z.device)
+        zq[g_of, j_of], tq[g_of, j_of] = rq[order], t.to(z.device)[qb].repeat(halves)[order]
+        lw = self.data.log_weights()
+        dt = self.dtype or logit_dtype(zq, tq, d)
+        per = max(1, EXACT_KEY_BYTES // (nst * (d + 4)))  # key locations per call
+        u8f = u8.transpose(1, 2)  # [P, d, N], contiguous: a gather keeps the feature-major layout
+        mean = torch.empty_like(zq)
+        lse = torch.empty_like(tq)
+        for g0 in range(0, len(counts), per):
+            at = keys_at[g0:g0 + per]
+            chunks = stored_key_chunks(u8f[at].transpose(1, 2), sq[at], keys_per_chunk(z.device), lw, skip_excluded=True)
+            mean[g0:g0 + per], lse[g0:g0 + per] = patch_posterior(zq[g0:g0 + per], tq[g0:g0 + per], chunks, dt)
+        # back to pairs: the flipped half's means flipped back, merged by log normaliser
+        row_mean, row_lse = torch.empty_like(rq), torch.empty(len(rq), dtype=torch.float64, device=z.device)
+        row_mean[order], row_lse[order] = mean[g_of, j_of], lse[g_of, j_of]
+        np_ = len(loc)
+        pm, pl = row_mean[:np_], row_lse[:np_]
+        if halves == 2:
+            pm, pl = merge(pm, pl, row_mean[np_:].unflatten(-1, (c, s, s)).flip(-1).flatten(1), row_lse[np_:])
+        if on_weights is not None:
+            lse_g = torch.zeros_like(tq)
+            lse_g[g_of, j_of] = pl.repeat(halves)[order]
+            qsel = qb.unique()
+            # per sorted row: (its query's position in qsel, its location in the original frame, its half)
+            rq_pos = torch.searchsorted(qsel, qb).repeat(halves)[order]
+            r_loc = loc.repeat(halves)[order]
+            r_half = torch.arange(halves, device=loc.device).repeat_interleave(np_)[order]
+            crops = SquareCrops(h, w, s)
+            for g0 in range(0, len(counts), per):
+                at = keys_at[g0:g0 + per]
+                rows = ((g_of >= g0) & (g_of < g0 + per)).nonzero().flatten()
+
+                def hook(start, wts, rows=rows, g0=g0):
+                    nk = wts.shape[2]
+                    wr = wts[g_of[rows] - g0, j_of[rows]]  # [rows, nk]
+                    for half in range(halves):
+                        sel = rows[r_half[rows] == half]
+                        wm = torch.zeros(len(qsel), nk, crops.grid[0] * crops.grid[1], dtype=torch.float64,
+                                         device=z.device)
+                        wm.index_put_((rq_pos[sel][:, None], torch.arange(nk, device=z.device)[None], r_loc[sel][:, None]),
+                                      wr[r_half[rows] == half], accumulate=True)
+                        ids = (start + half * nst + torch.arange(nk, device=z.device)).expand(len(qsel), -1)
+                        on_weights(qsel, ids, crops.uncrop(wm) * inv_cov, (0, h, 0, w))
+                chunks = stored_key_chunks(u8f[at].transpose(1, 2), sq[at], KEYS_PER_TILE, lw)
+                patch_posterior(zq[g0:g0 + per], tq[g0:g0 + per], chunks, dt, lse=lse_g[g0:g0 + per], on_weights=hook)
+        return pm
+
+    def attribute_block(self, q, t, ids, reps, log_w, tid, win, s, n, lse, inv_cov, keep, blk, on_weights, dt):
         """The kernel's second pass over both key sets with the merged lse [P, B]: on_weights(rows, ids
         [r, n], a [r, n, wh, ww], win) with per-pixel weights a_i[p] of the window (inv_cov [wh, ww] is
-        1 / the global coverage there); the weights of excluded or missing candidates are 0."""
+        1 / the global coverage there), only for the certified locations keep [P, B] (the routed ones come
+        from `exact_pairs`); an entry's weight is spread over its members (`spread`); the weights of
+        excluded or missing candidates are 0."""
         local = SquareCrops(win[1] - win[0], win[3] - win[2], s)
         per_pixel = lambda w: local.uncrop(w.permute(1, 2, 0)) * inv_cov  # noqa: E731  [P, r, n] -> [r, n, wh, ww]
+        kf = keep.to(torch.float64)
         qm, _ = masked_queries(q, win, s)
         for r in self.query_chunks(qm, ids.shape[1]):
-            keys = window_keys(self.data, ids[r].clamp_min(0), win, s)
-            hook = lambda w, r=r: on_weights(r, ids[r].clamp_min(0), per_pixel(w.transpose(0, 1)), win)  # noqa: E731
-            candidate_posterior(qm[r], t[r], keys, self._candidate_log_w(ids[r]), self.dtype, lse[:, r].T, hook)
+            keys = window_keys(self.data, reps[r], win, s)
+            hook = lambda w, r=r: self.spread(r, ids[r], per_pixel(w.transpose(0, 1) * kf[:, r, None]), win, blk,  # noqa: E731
+                                              on_weights)
+            candidate_posterior(qm[r], t[r], keys, log_w[r], dt, lse[:, r].T, hook)
         if tid is not None:
             def hook(start, w):
-                on_weights(slice(0, len(ids)), tid[start:start + w.shape[2]].expand(len(ids), -1), per_pixel(w), win)
-            tail_posterior(q, t, crop_keys(self.data, tid, win, s), self._tail_log_w(ids, tid), n, self.dtype,
-                           lse, hook)
+                on_weights(slice(0, len(ids)), tid[start:start + w.shape[2]].expand(len(ids), -1),
+                           per_pixel(w * kf[..., None]), win)
+            tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt, lse, hook)
+
+    def spread(self, rows: slice, ids: torch.Tensor, a: torch.Tensor, win, blk: Block, on_weights) -> None:
+        """Entries' per-pixel weights a [r, k, wh, ww] (entries ids [r, k], -1: none) -> on_weights over
+        their members taking part, each with its entry's weight / (members taking part): the weight the
+        exact path gives each of identical members."""
+        e = ids.clamp_min(0).cpu()
+        if bool((blk.counts[e] == 1).all()):  # no duplicates among the candidates: each entry is one image
+            on_weights(rows, blk.reps[e].to(a.device), a, win)
+            return
+        for i in range(len(ids)):
+            ev = e[i][ids[i].cpu() >= 0]
+            cnt = blk.counts[ev]
+            owner = torch.repeat_interleave(torch.arange(len(ev)), cnt)
+            pos = torch.repeat_interleave(blk.offsets[ev] - (cnt.cumsum(0) - cnt), cnt) + torch.arange(len(owner))
+            mem = blk.members[pos]
+            if self.excluded is not None:
+                part = ~self.excluded[mem]
+                mem, owner = mem[part], owner[part]
+            share = 1 / blk.incl[ev].to(torch.float64)
+            row = slice(rows.start + i, rows.start + i + 1)
+            av = a[i][ids[i] >= 0]
+            for j in range(0, len(mem), MEMBERS_PER_CALL):
+                o = owner[j:j + MEMBERS_PER_CALL]
+                on_weights(row, mem[None, j:j + MEMBERS_PER_CALL].to(a.device),
+                           (av[o.to(a.device)] * share[o].to(a)[:, None, None])[None], win)
 
     @staticmethod
-    def _candidate_log_w(ids: torch.Tensor) -> torch.Tensor | None:
-        """[B, k] float64: 0 for a candidate, -inf where the row has none (-1); None when all are there."""
-        return None if bool((ids >= 0).all()) else torch.zeros(ids.shape, dtype=torch.float64,
-                                                               device=ids.device).masked_fill(ids < 0, -math.inf)
-
-    @staticmethod
-    def _tail_log_w(ids: torch.Tensor, tid: torch.Tensor) -> torch.Tensor:
-        """[B, m] float64 tail log weights: 0, or -inf where the draw is one of the query's candidates
-        ids [B, k] (those terms are already exact)."""
+    def tail_log_w(ids: torch.Tensor, tid: torch.Tensor, blk: Block) -> torch.Tensor:
+        """[B, m] float64 tail log weights: 0, or -inf where the draw is a member of one of the query's
+        candidate entries ids [B, k] (those terms are already exact, with the entry's count)."""
         lw = torch.zeros(len(ids), len(tid), dtype=torch.float64, device=ids.device)
-        return lw.masked_fill(isin_rows(ids, tid), -math.inf)
+        return lw.masked_fill(isin_rows(ids, blk.entry_of.to(tid.device)[tid]), -math.inf)

@@ -98,7 +98,8 @@ def test_tol_forces_exact(built):
     assert (loose(z, 0.8) - exact).abs().max() > 1e-3
     strict = RetrievalPSPC(data, bundle, k=2, tail="none", patch_size=3, tol=1e-6)
     assert (strict(z, 0.8) - exact).abs().max() < 1e-6
-    assert strict.last_report[3]["path"].startswith("exact")
+    rep = strict.last_report[3]
+    assert rep["fractions"]["retrieval"] == 0 and rep["bound_max"] <= 1e-6
     # s not in the bundle: the exact composite
     other = RetrievalPSPC(data, bundle, k=2, tail="none", patch_size=7)
     assert (other(z, 0.8) - composite_mean(z, 0.8, data, SquareCrops(8, 8, 7))).abs().max() < 1e-6
@@ -251,16 +252,18 @@ def determined_pixels(data, s):
     return varies[0, 0] == 0
 
 
-def test_collapsed_blocks_get_one_list(dup_bundles):
+def test_few_entry_blocks_are_flat(dup_bundles):
+    # duplicates collapse to entries; a block with fewer entries than an IVF kind trains on is flat
     for name, (store, paths) in dup_bundles.items():
         for kind in ("ivf-flat", "ivf-sq8", "ivf-pq"):
             man = json.loads((paths[kind] / "manifest.json").read_text())
-            lists = {rec["nlist"] for rec in man["files"].values()}
-            if name == "black-background":
-                # the black blocks hold one patch (one list); the centre blocks keep their cells
-                assert lists == {1, man["nlist"]} and man["files"]["s3_b0_0.faiss"]["nlist"] == 1, (kind, lists)
-            else:
-                assert lists == {1}, (name, kind, lists)
+            need = max(man["nlist"], 16 if kind == "ivf-pq" else 1)
+            for rec in man["files"].values():
+                assert (rec["kind"] == "flat") == (rec["entries"]["count"] < need), (name, kind, rec)
+            kinds = {rec["kind"] for rec in man["files"].values()}
+            # black corners are one entry (flat); the varied centre keeps its cells
+            assert kinds == ({"flat", kind} if name == "black-background" else {"flat"}), (name, kind, kinds)
+            assert man["files"]["s3_b0_0.faiss"]["entries"]["count"] == (1 if name != "two-valued" else 2)
 
 
 @pytest.mark.parametrize("tail", ["none", "sample"])
@@ -278,7 +281,7 @@ def test_duplicate_stores_match_exact(dup_bundles, name, kind, tail):
     # float32 rounding of a few hundred terms in [-1, 1] stays below 1e-5
     every = RetrievalPSPC(data, bundle, k=1024, tail=tail, patch_size=s)
     assert (every(z, t) - exact).abs().max() < 1e-5
-    assert every.last_report[s]["k"] == len(data)
+    assert every.last_report[s]["eps_bar"].max() == 0  # every entry scored: nothing unscored
     # few candidates (and a small tail): where every covering crop holds one patch, any convex
     # combination of the candidates is that patch; each side sums at most N terms, then s^2 crops
     few = RetrievalPSPC(data, bundle, k=4, tail=tail, m=8, patch_size=s)
@@ -291,21 +294,19 @@ def test_duplicate_stores_match_exact(dup_bundles, name, kind, tail):
 
 
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq"])
-@pytest.mark.parametrize("name,nlist", [("identical", 2), ("two-valued", 3)])
-def test_short_probes_widen(tmp_path, name, nlist, kind):
-    # lists of duplicates: one list per distinct patch, the split-off copies empty but (half filled) not
-    # collapsed, so the lists stay; queries whose nearest centroid is an empty copy must widen their probe
-    store = write_store(tmp_path / "s.zarr", DUP_STORES[name](n=60, h=8))
-    man = build_bundle(store.path, tmp_path / "b", [3], stride=8, kind=kind, nlist=nlist, pq_m=8, progress=False)
-    assert man["nprobe"] == 1 and {rec["nlist"] for rec in man["files"].values()} == {nlist}
+def test_short_probes_widen(tmp_path, kind):
+    # three lists of about 40 entries each: one probed list cannot hold k = 64, so the probe widens
+    store = write_store(tmp_path / "s.zarr", np.random.RandomState(8).randint(0, 256, (60, 1, 8, 8)).astype(np.uint8))
+    man = build_bundle(store.path, tmp_path / "b", [3], stride=8, kind=kind, nlist=3, pq_m=8, progress=False)
+    assert man["nprobe"] == 1 and {rec["nlist"] for rec in man["files"].values()} == {3}
     data = store.training_set()
     bundle = open_bundle(tmp_path / "b", store)
     zw = queries(data, 0.3, b=32, seed=5)[:, :, :8, :8].flatten(1)
-    raw = bundle.index(3, 0, 0).search(zw.numpy(), 8)[1]  # FAISS alone, one list probed
-    assert (raw < 0).all(1).any(), "no query fell in an empty list: the test would not test widening"
-    ids = bundle.search(3, 0, 0, zw, 8)
-    assert ids.shape == (32, 8) and (ids >= 0).all()
-    # k > N: all N, each once
+    raw = bundle.index(3, 0, 0).search(zw.numpy(), 64)[1]  # FAISS alone, one list probed
+    assert (raw < 0).any(1).all(), "a list held 64 entries: the test would not test widening"
+    ids = bundle.search(3, 0, 0, zw, 64)
+    assert ids.shape == (32, 64) and (ids >= 0).all()
+    # k > E: every entry once (random images: one entry per virtual image)
     ids = bundle.search(3, 0, 0, zw, 1000)
     assert ids.shape == (32, len(data)) and (ids.sort(1).values == torch.arange(len(data))).all()
 
@@ -332,15 +333,18 @@ def test_cli_default_build_and_sample_on_black_background(tmp_path):
 
 
 def test_mostly_duplicate_blocks_keep_their_cells(tmp_path):
-    # 90% black corners, 10% varied: k-means on the raw sample would seed most cells on black copies
-    # that stay empty; trained on distinct patches, every list fills and the block keeps its cells
+    # 90% black corners, 10% varied: the black copies are one entry, so k-means sees distinct windows
+    # and every list fills
     x = np.zeros((200, 1, 8, 8), np.uint8)
     rng = np.random.RandomState(11)
     x[:20, :, :2, :2] = rng.randint(0, 256, (20, 1, 2, 2))
     store = write_store(tmp_path / "s.zarr", x[rng.permutation(200)])
-    man = build_bundle(store.path, tmp_path / "b", [3], kind="ivf-flat", progress=False)
-    assert man["files"]["s3_b0_0.faiss"]["nlist"] == man["nlist"] > 1
-    assert man["files"]["s3_b1_1.faiss"]["nlist"] == 1  # rows 4-7: black in every image
+    man = build_bundle(store.path, tmp_path / "b", [3], kind="ivf-flat", nlist=4, progress=False)
+    assert man["files"]["s3_b0_0.faiss"]["nlist"] == man["nlist"] == 4
+    assert man["files"]["s3_b0_0.faiss"]["entries"]["count"] == 21  # 20 varied corners and one black window
+    b11 = man["files"]["s3_b1_1.faiss"]  # rows 4-7: black in every image, one entry of all 400
+    assert b11["kind"] == "flat" and b11["entries"]["count"] == 1
+    assert open_bundle(tmp_path / "b", store).entries(3, 1, 1).counts.tolist() == [400]
     index = open_bundle(tmp_path / "b", store).index(3, 0, 0)  # held: the IVF view below borrows it
     ivf = faiss.extract_index_ivf(index)
     assert all(ivf.invlists.list_size(i) > 0 for i in range(ivf.nlist))
@@ -359,7 +363,7 @@ def test_exclusion_all_candidates_equal_exact_on_the_view(built, kind):
     every = RetrievalPSPC(data, bundle, k=len(full), tail="none", patch_size=3)
     assert (every(z, 0.4) - exact).abs().max() < 1e-5
     rep = every.last_report[3]
-    assert rep["k"] == n_inc and rep["eps_bar"].max() == 0
+    assert rep["eps_bar"].max() == 0 and rep["bound_max"] == 0
     # a few candidates and a tail of every included image: exact again
     tail = RetrievalPSPC(data, bundle, k=4, tail="sample", m=n_inc, patch_size=3)
     assert (tail(z, 0.4) - exact).abs().max() < 1e-5
@@ -380,10 +384,12 @@ def test_excluded_images_never_contribute(built, tail):
     z = full.get(torch.tensor(virtual)) + 0.05 * torch.randn(4, *full.shape, generator=torch.Generator().manual_seed(2))
     den = RetrievalPSPC(data, open_bundle(root / "sq8", store), k=3, tail=tail, m=6, patch_size=3)
     zw = z[:, :, :6, :6].flatten(1)  # block (0, 0): a 6 x 6 window
-    # the raw search finds them; the candidates leave them out
+    # the raw search finds them (random images: entry e is virtual image e); the candidates leave them out
     assert torch.isin(den.bundle.search(3, 0, 0, zw, 3), torch.tensor(virtual)).any(1).all()
-    ids = den.candidates(zw, 3, 0, 0, 3)
-    assert (ids >= 0).all() and not torch.isin(ids, torch.tensor(virtual)).any()
+    blk = den.block(3, 0, 0)
+    ids, _ = den.search(zw, 3, 0, 0, blk)
+    reps, _ = den.expand(ids, blk)
+    assert (ids >= 0).all() and not torch.isin(reps, torch.tensor(virtual)).any()
     drawn = den.tail_ids(3, 0, 0, 500)
     assert not torch.isin(drawn, torch.tensor(virtual)).any()
     shares, tm = attribution_maps(den, z, 0.05, top=len(full))
