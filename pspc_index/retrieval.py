@@ -68,6 +68,7 @@ from .store import TrainingSet
 DEFAULT_TOL = 1e-3  # certified composite error per pixel the CLI's routing aims at (issue 11)
 EXACT_KEY_BYTES = 2 ** 28  # bytes of gathered stored patches per exact_pairs kernel call
 MEMBERS_PER_CALL = 16384  # members per attribution callback when an entry's weight is spread
+COMPLETE_FACTOR = 4  # a query completes cells (step 3b) only up to this many times k entries per block
 
 
 def isin_rows(ids: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -112,17 +113,15 @@ def candidate_posterior(q: torch.Tensor, t: torch.Tensor, keys, log_w: torch.Ten
 
     q [B, P, D] float64 masked window queries (D = C*wh*ww); t [B] float64; keys (u8 [B, k, D],
     sq [B, P, k]) from `window_keys`; log_w [B, k] float64 (-inf: no candidate) or None. Returns (mean
-    [B, P, D]: each location's patch mean on its crop's coordinates, lse [B, P], lmin [B, P]: the smallest
-    candidate logit), float64. With lse [B, P] (the merged one): the second pass, on_weights(w [B, P, k])
-    with the normalised weights.
+    [B, P, D]: each location's patch mean on its crop's coordinates, lse [B, P]), float64. With lse [B, P]
+    (the merged one): the second pass, on_weights(w [B, P, k]) with the normalised weights.
     """
     b, p, _ = q.shape
     chunks = lambda: iter([(0, KeyChunk(keys[0], keys[1], log_w))])  # noqa: E731
     tg = t[:, None].expand(b, p)
     if lse is not None:
         return patch_posterior(q, tg, chunks, dtype, lse=lse, on_weights=lambda start, w: on_weights(w))
-    mean, lse, lmin, _ = patch_posterior(q, tg, chunks, dtype, stats=True)
-    return mean, lse, lmin
+    return patch_posterior(q, tg, chunks, dtype)
 
 
 def tail_posterior(q: torch.Tensor, t: torch.Tensor, keys, log_w: torch.Tensor, n: int, dtype, lse=None,
@@ -166,21 +165,17 @@ def fold_window(mean: torch.Tensor, c: int, wh: int, ww: int, s: int) -> torch.T
     return F.fold(mean.permute(1, 2, 0), (wh, ww), (s, s)).view(mean.shape[1], c, wh, ww)
 
 
-def unscored_bound(zw: torch.Tensor, t: torch.Tensor, s: int, win: tuple[int, int, int, int], c: int, cells,
-                   unscored: torch.Tensor, log_zs: torch.Tensor, kth: torch.Tensor | None = None) -> torch.Tensor:
-    """Certified bound on the posterior mass of the images not scored, per (location, query) of a block.
+def lower_bounds(zw: torch.Tensor, s: int, win: tuple[int, int, int, int], c: int, cells,
+                 kth: torch.Tensor | None = None) -> torch.Tensor:
+    """Certified lower bounds [B, P, L] float64 on the squared crop distance ||z_C - x_C||^2 of every entry x
+    of each cell L at each crop location C of a block (x, z in [-1, 1] units).
 
-    zw [B, D] float64 window queries (D = C*wh*ww, [-1, 1] units); t [B] float64 (EDM sigma); cells:
-    (centroids [L, D], radius [L, P], lo [L, D], hi [L, D]) float64 in [-1, 1] units (`Block`); unscored
-    [B, L] float64: images taking part that were not scored, per cell; log_zs [P, B] float64: log of the
-    scored normaliser, log sum_scored count e^(-||z_C - x_C||^2 / 2t^2); kth [B] float64 or None: a lower
-    bound on the squared window distance of every unscored image (flat indices).
-    Per cell and location, the unscored images' squared crop distance is at least the largest of: the
-    triangle bound (||z_C - mu_C|| - r_C)^2, the box bound sum_{p in C} dist(z_p, [lo_p, hi_p])^2, and
-    kth less the most the window outside C can add, sum_{p not in C} max((z_p - lo_p)^2, (z_p - hi_p)^2)
-    (every term computed in float64 and lowered by a 1e-12 relative slack for its rounding). With U = sum
-    over cells of unscored e^(-bound / 2t^2), returns eps = U / (Z_S + U) [P, B] float64: an upper bound on
-    the unscored posterior mass fraction (U / (Z_S + U) increases with U).
+    zw [B, D] float64 window queries (D = C*wh*ww); cells: (centroids [L, D], radius [L, P], lo [L, D],
+    hi [L, D]) float64 (`Block`); kth [B] float64 or None: a lower bound on the squared window distance of
+    every entry not scored (flat indices), which then holds only for those. The largest of: the triangle
+    bound (||z_C - mu_C|| - r_C)^2; the box bound sum_{p in C} dist(z_p, [lo_p, hi_p])^2; kth less the most
+    the window outside C can add, sum_{p not in C} max((z_p - lo_p)^2, (z_p - hi_p)^2). Every term is
+    computed in float64 and lowered by a 1e-12 relative slack for its rounding.
     """
     mu, radius, lo, hi = cells
     mask = crop_mask(c, win[1] - win[0], win[3] - win[2], s).to(zw.device)  # [P, D]
@@ -201,7 +196,16 @@ def unscored_bound(zw: torch.Tensor, t: torch.Tensor, s: int, win: tuple[int, in
         far = torch.maximum((zw[:, None] - lo[None]) ** 2, (zw[:, None] - hi[None]) ** 2).amax(1)  # [B, D]
         rest = far @ (1 - mask).T  # [B, P]
         low = torch.maximum(low, (kth[:, None] - rest - 1e-12 * (kth[:, None] + rest + 1)).clamp_min(0)[..., None])
-    # 4. U per location, and the mass fraction it can hold against the scored normaliser
+    return low
+
+
+def unscored_mass(low: torch.Tensor, unscored: torch.Tensor, log_zs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Certified bound eps [P, B] float64 on the posterior mass fraction of the images not scored.
+
+    low [B, P, L] from `lower_bounds`; unscored [B, L] float64: images taking part but not scored, per cell;
+    log_zs [P, B]: log of the scored normaliser, log sum_scored count e^(-||z_C - x_C||^2 / 2t^2); t [B]
+    (EDM sigma). With U = sum over cells of unscored e^(-low / 2t^2) >= the unscored normaliser,
+    eps = U / (Z_S + U) (increasing in U, so >= the true fraction)."""
     log_u = torch.logsumexp(torch.log(unscored.clamp_min(0))[:, None, :] - low / (2 * t[:, None, None] ** 2), 2).T
     return torch.where(log_u == -math.inf, torch.zeros_like(log_u), torch.sigmoid(log_u - log_zs))
 
@@ -218,8 +222,9 @@ def tail_rel_se(tail, lse: torch.Tensor, m: int) -> torch.Tensor:
 class Block:
     """One block's entries as retrieval uses them, on `device`, with the training set's exclusions:
     reps [E] (representative virtual ids), counts [E], incl [E] (members taking part), members, offsets,
-    cell [E], incl_cell [L] float64, cells (centroids, radius, lo, hi) float64 in [-1, 1] units (see
-    `unscored_bound`), kind (the block's index kind); entry_of [Nv] (virtual id -> entry) on first use."""
+    cell [E], incl_cell [L] float64, by_cell (the entries taking part per cell) and cell_entries [L] (their
+    number), cells (centroids, radius, lo, hi) float64 in [-1, 1] units (see `lower_bounds`), log_w_max
+    (the largest log count), kind (the block's index kind); entry_of [Nv] (virtual id -> entry) on first use."""
 
     def __init__(self, bundle: Bundle, s: int, by: int, bx: int, excluded: torch.Tensor | None, device):
         e = bundle.entries(s, by, bx)
@@ -235,6 +240,11 @@ class Block:
         self.alive = int((self.incl > 0).sum())
         self.cell = torch.from_numpy(e.cell.astype(np.int64))
         self.incl_cell = torch.zeros(len(e.centroids), dtype=torch.float64).index_add_(0, self.cell, self.incl.double())
+        self.log_w_max = math.log(int(self.incl.max()))
+        # the entries taking part in each cell, and their number
+        alive = (self.incl > 0).nonzero().flatten()
+        self.by_cell = [alive[self.cell[alive] == j] for j in range(len(e.centroids))]
+        self.cell_entries = torch.tensor([len(v) for v in self.by_cell])
         px = lambda u: torch.from_numpy(u).to(device, torch.float64) / 127.5 - 1  # noqa: E731
         self.cells = (torch.from_numpy(e.centroids).to(device, torch.float64), torch.from_numpy(e.radius).to(device),
                       px(e.lo), px(e.hi))
@@ -389,18 +399,32 @@ class RetrievalPSPC(PSPCSquare):
             zw = z[:, :, r0:r1, c0:c1]
             q = unfold_u8(zw.to(torch.float64), s, s)  # [P, B, d] query patches
             blk = self.block(s, by, bx)
+            qm = masked_queries(q, win, s)[0]
+            dt = self.dtype or logit_dtype(qm, t[:, None].expand(qm.shape[:2]), qm.shape[-1], blk.log_w_max)
+            z64 = zw.flatten(1).to(torch.float64)
             ids, dist = self.search(zw.flatten(1), s, by, bx, blk)  # 1. search
-            reps, log_w = self.expand(ids, blk)  # 2. dedup expansion
-            tid = self.tail_ids(s, by, bx, self.m) if self.tail == "sample" and ids.shape[1] < blk.alive else None
-            cand, tl, mean, lse, dt = self.rescore(q, t, reps, log_w, ids, tid, win, s, n, blk)  # 3. rescoring
-            eps, bound = self.bound(zw, t, s, win, q, ids, dist, cand, mean, blk)  # 4. bounding
+            cand = self.rescore(q, t, ids, win, s, blk, dt)  # 2.-3. dedup expansion, rescoring
+            low = lower_bounds(z64, s, win, c, blk.cells, self.kth(z64, dist, blk))  # 4. bounding
+            if self.tol is not None:
+                extra = self.complete(low, ids, cand[1], q, t, blk)
+                if extra is not None:  # 3b. every entry of the cells that could hold too much mass, scored
+                    cand = merge(*cand, *self.rescore(q, t, extra, win, s, blk, dt))
+                    ids = torch.cat([ids, extra], 1)
+            eps = unscored_mass(low, self.unscored(ids, blk), self.log_zs(cand[1], q, t), t.to(z64.device))
+            tid = tl = None
+            mean, lse = cand
+            if self.tail == "sample" and int((ids >= 0).sum(1).min()) < blk.alive:
+                tid = self.tail_ids(s, by, bx, self.m)
+                tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt)
+                mean, lse = merge(*cand, tl[0], tl[1])
+            # the merged mean is within 2 eps of the exact one, plus what the tail moved it
+            bound = torch.nan_to_num(2 * eps + (mean - cand[0]).abs().amax(2), nan=math.inf)
             route = bound > self.tol if self.tol is not None else torch.zeros_like(bound, dtype=torch.bool)
             # 5. routing: certified locations fold in now, the rest after the block loop (exact_pairs)
             keep = ~route
             out[:, :, r0:r1, c0:c1] += fold_window(mean * keep[..., None], c, r1 - r0, c1 - c0, s) * inv_cov[r0:r1, c0:c1]
             if on_weights is not None:
-                self.attribute_block(q, t, ids, reps, log_w, tid, win, s, n, lse, inv_cov[r0:r1, c0:c1], keep, blk,
-                                     on_weights, dt)
+                self.attribute_block(q, t, ids, tid, win, s, n, lse, inv_cov[r0:r1, c0:c1], keep, blk, on_weights, dt)
             log_z = lse - (q * q).sum(2) / (2 * t.to(q) ** 2)
             m_used = 0 if tid is None or self.m >= n else len(tid)
             rel_se = tail_rel_se(tl, lse, m_used) if tl is not None and m_used > 1 else torch.zeros_like(lse)
@@ -453,50 +477,64 @@ class RetrievalPSPC(PSPCSquare):
         step = max(1, CHUNK_ELEMENTS // (max(k, 1) * (d + 16 * p)))
         return [slice(i, min(i + step, b)) for i in range(0, b, step)]
 
-    def rescore(self, q, t, reps, log_w, ids, tid, win, s, n, blk):
-        """Step 3: one block's exact rescoring. q [P, B, d] float64 query patches, t [B], reps/log_w [B, k]
-        from `expand`, ids [B, k] the entries, tid [m] tail draws or None, n included images. Returns
-        (cand, tail, mean, lse, dtype): the candidates' (mean, lse, lmin) and the tail's (mean, lse, lse2)
-        (None without a sampled tail), each [P, B, d] / [P, B] float64, the merged mean [P, B, d] and log
-        normaliser [P, B], and the kernel precision used (the log counts' rounding included)."""
+    def rescore(self, q, t, ids, win, s, blk, dt):
+        """Steps 2-3: the exact posterior over each query's candidate entries ids [B, k] (-1: none), each
+        scored once by its representative with log weight log(members taking part) (`expand`). q [P, B, d]
+        float64 query patches, t [B], dt the kernel precision. Returns (mean [P, B, d], lse [P, B]) float64."""
+        reps, log_w = self.expand(ids, blk)
         qm, at_crops = masked_queries(q, win, s)
-        lw_max = float(log_w[torch.isfinite(log_w)].max()) if bool(torch.isfinite(log_w).any()) else 0.0
-        dt = self.dtype or logit_dtype(qm, t[:, None].expand(qm.shape[:2]), qm.shape[-1], lw_max)
         parts = []
         for r in self.query_chunks(qm, reps.shape[1]):
             keys = window_keys(self.data, reps[r], win, s)
-            mean, lse, lmin = candidate_posterior(qm[r], t[r], keys, log_w[r], dt)
-            parts.append((at_crops(mean), lse.T, lmin.T))
-        cand = tuple(torch.cat(v, 1) for v in zip(*parts))
-        if tid is None:
-            return cand, None, cand[0], cand[1], dt
-        tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt)
-        return (cand, tl, *merge(cand[0], cand[1], tl[0], tl[1]), dt)
+            mean, lse = candidate_posterior(qm[r], t[r], keys, log_w[r], dt)
+            parts.append((at_crops(mean), lse.T))
+        return tuple(torch.cat(v, 1) for v in zip(*parts))
 
-    def bound(self, zw, t, s, win, q, ids, dist, cand, mean, blk):
-        """Step 4: (eps [P, B], bound [P, B]) float64: the certified unscored mass fraction
-        (`unscored_bound`) and the certified error per coordinate of each location's mean: 2 eps, plus,
-        with the tail, the largest coordinate by which the merged mean [P, B, d] moved off the candidates'."""
-        c = self.data.shape[0]
-        z64 = zw.flatten(1).to(torch.float64)
-        # images taking part but not scored, per cell
+    def kth(self, z64: torch.Tensor, dist: torch.Tensor, blk: Block) -> torch.Tensor | None:
+        """A flat index's k-th FAISS squared distance [B] less its float32 rounding (<= 4 (D+3) 2^-24
+        (||z|| + sqrt(D))^2: three rounded terms of at most that size, and the query's rounding): a lower
+        bound on the window distance of every entry not returned. None for other kinds (codes, cells)."""
+        if blk.kind != "flat" or not dist.shape[1]:
+            return None
+        d = z64.shape[1]
+        return dist[:, -1] - 4 * (d + 3) * 2.0 ** -24 * (z64.norm(dim=1) + math.sqrt(d)) ** 2
+
+    def unscored(self, ids: torch.Tensor, blk: Block) -> torch.Tensor:
+        """Images taking part but not scored, per query and cell [B, L] float64 (ids [B, k] the scored
+        entries, -1: none)."""
         e = ids.clamp_min(0)
-        scored = (blk.incl.to(ids.device, torch.float64)[e] * (ids >= 0))
-        cells = blk.cell.to(ids.device)[e]
-        unscored = blk.incl_cell.to(ids.device)[None] - torch.zeros(len(ids), len(blk.incl_cell), dtype=torch.float64,
-                                                                     device=ids.device).scatter_add_(1, cells, scored)
-        # a flat index's k-th FAISS distance, less its float32 rounding, bounds every unscored window
-        kth = None
-        if blk.kind == "flat" and ids.shape[1]:
-            dd = z64.shape[1]
-            err = 4 * (dd + 3) * 2.0 ** -24 * (z64.norm(dim=1) + math.sqrt(dd)) ** 2
-            kth = dist[:, -1] - err
-        log_zs = cand[1] - (q * q).sum(2) / (2 * t.to(q) ** 2)
-        eps = unscored_bound(z64, t.to(z64.device), s, win, c, blk.cells, unscored, log_zs, kth)
-        bound = 2 * eps
-        if mean is not cand[0]:
-            bound = bound + (mean - cand[0]).abs().amax(2)
-        return eps, torch.nan_to_num(bound, nan=math.inf)
+        scored = blk.incl.to(ids.device, torch.float64)[e] * (ids >= 0)
+        per_cell = torch.zeros(len(ids), len(blk.incl_cell), dtype=torch.float64, device=ids.device)
+        return blk.incl_cell.to(ids.device)[None] - per_cell.scatter_add_(1, blk.cell.to(ids.device)[e], scored)
+
+    @staticmethod
+    def log_zs(lse: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log Z_S [P, B]: the kernel's log normaliser lse [P, B] with its row constant -||z_C||^2 / 2t^2."""
+        return lse - (q * q).sum(2) / (2 * t.to(q) ** 2)
+
+    def complete(self, low, ids, lse, q, t, blk: Block) -> torch.Tensor | None:
+        """Step 3b (with a tol): entries [B, k2] (-1: none) to score on top of the candidates ids [B, k]: every
+        entry of each cell whose unscored images could hold more than tol / 4L of the scored mass at some
+        location (low [B, P, L] from `lower_bounds`, lse [P, B] the candidates' log normaliser). Then the
+        cells left hold at most tol / 4 of it, eps <= tol / 4. A query whose cells to complete hold more than
+        COMPLETE_FACTOR k entries completes none (its locations route to exact). None: nothing to add."""
+        cells = len(blk.incl_cell)
+        unscored = self.unscored(ids, blk)
+        rel = (torch.log(unscored.clamp_min(0))[:, None, :] - low / (2 * t.to(low)[:, None, None] ** 2)
+               - self.log_zs(lse, q, t).T[..., None])
+        need = (rel > math.log(self.tol / (4 * cells))).any(1)  # [B, L]
+        need &= (need.to(torch.float64) @ blk.cell_entries.to(need.device, torch.float64)
+                 <= COMPLETE_FACTOR * self.k)[:, None]
+        if not bool(need.any()):
+            return None
+        rows = []
+        for b in range(len(ids)):
+            e = torch.cat([blk.by_cell[j] for j in need[b].nonzero().flatten().tolist()] + [ids.new_zeros(0)])
+            rows.append(e[~torch.isin(e, ids[b])])
+        extra = torch.full((len(ids), max(len(r) for r in rows)), -1, dtype=torch.long, device=ids.device)
+        for b, r in enumerate(rows):
+            extra[b, :len(r)] = r
+        return extra if extra.shape[1] else None
 
     def exact_pairs(self, z, t, s, loc, qb, inv_cov, on_weights=None):
         """Step 5: the exact patch means [n, C*s*s] float64 of (location loc[i], query qb[i]) pairs (loc
@@ -566,7 +604,7 @@ class RetrievalPSPC(PSPCSquare):
                 patch_posterior(zq[g0:g0 + per], tq[g0:g0 + per], chunks, dt, lse=lse_g[g0:g0 + per], on_weights=hook)
         return pm
 
-    def attribute_block(self, q, t, ids, reps, log_w, tid, win, s, n, lse, inv_cov, keep, blk, on_weights, dt):
+    def attribute_block(self, q, t, ids, tid, win, s, n, lse, inv_cov, keep, blk, on_weights, dt):
         """The kernel's second pass over both key sets with the merged lse [P, B]: on_weights(rows, ids
         [r, n], a [r, n, wh, ww], win) with per-pixel weights a_i[p] of the window (inv_cov [wh, ww] is
         1 / the global coverage there), only for the certified locations keep [P, B] (the routed ones come
@@ -575,6 +613,7 @@ class RetrievalPSPC(PSPCSquare):
         local = SquareCrops(win[1] - win[0], win[3] - win[2], s)
         per_pixel = lambda w: local.uncrop(w.permute(1, 2, 0)) * inv_cov  # noqa: E731  [P, r, n] -> [r, n, wh, ww]
         kf = keep.to(torch.float64)
+        reps, log_w = self.expand(ids, blk)
         qm, _ = masked_queries(q, win, s)
         for r in self.query_chunks(qm, ids.shape[1]):
             keys = window_keys(self.data, reps[r], win, s)
