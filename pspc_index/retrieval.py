@@ -17,14 +17,17 @@ Per s and anchor block (stride x stride locations sharing one union-window index
      among the included images (seeded by seed, s, block; shared by the block's queries) are scored by a
      second call (`tail_posterior`), weight N/m, a draw that is a member of one of the query's candidate
      entries excluded (its term is already exact), and the two states merge by log normaliser;
-  4. bounding (`unscored_bound`): every image not scored lies in some cell of the block's index, and the
-     stored cell bounds give, per location C, a lower bound on its squared crop distance: the triangle
+  4. bounding (`lower_bounds`, `unscored_mass`): every image not scored lies in some cell of the block's
+     index, and the stored cell bounds give, per location C, a lower bound on its squared crop distance: the triangle
      inequality with the cell's centroid and radius, the cell's per-pixel box, and, for flat indices, the
      k-th FAISS window distance less the most the rest of the window can add. With U the sum of the
      unscored images' largest possible terms, eps = U / (Z_S + U) bounds the unscored posterior mass, and
      the patch mean's error is at most 2 eps per coordinate (pixels in [-1, 1]); with the tail, plus the
      largest coordinate by which the merged mean moved off the candidates' mean. A valid bound, not an
-     estimate (beyond the kernel's own rounding, posterior.py: <= 4e-6, 0 in float64);
+     estimate (beyond the kernel's own rounding, posterior.py: <= 4e-6, 0 in float64). With a tolerance,
+     every entry of the cells whose unscored images could still hold more than tol / 4L of the scored
+     mass at some location is scored too (`complete`, up to COMPLETE_FACTOR k entries per query), after
+     which the cells left hold at most tol / 4 of it;
   5. routing: with a tolerance, locations whose bound exceeds it are recomputed by the exact kernel over
      the whole training set, all of a patch size's routed (location, query) pairs in one batched call
      (`exact_pairs`); the composite's error at a pixel is the mean of its covering crops' errors, so every
