@@ -7,7 +7,10 @@ so full-size steps mean the same thing for square, portrait and landscape images
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -94,13 +97,68 @@ FASHION_MNIST = Schedule(
     els_sizes=(55, 25, 55, 55, 55, 55, 55, 55, 19, 13, 7, 5, 3, 3, 3, 3, 3, 3),
 )
 
+SCHEDULE_FORMAT = "pspc-index-schedule"
+# Tuned schedules shipped with the package: one json each (written by tools/evaluate.py, `tuned_schedule.json`),
+# selectable by the name inside it (`--schedule NAME`) next to the derived schedules above.
+TUNED_DIR = Path(__file__).resolve().parent / "schedules"
+
+
+def schedule_to_json(sched: Schedule, meta: dict | None = None) -> dict:
+    """The json document of a schedule (read back by `read_schedule_json`); `meta`: where its values come from."""
+    return {"format": SCHEDULE_FORMAT, "format_version": 1, "name": sched.name, "shape": list(sched.shape),
+            "patch_sizes": list(sched.patch_sizes), "lambdas": list(sched.lambdas),
+            "els_sizes": list(sched.els_sizes) if sched.els_sizes else None, "meta": meta or {}}
+
+
+def read_schedule_json(path: str | os.PathLike) -> Schedule:
+    """A schedule from its json document. UserError (naming the file) unless it is one: shape (H, W) positive,
+    one patch size, lambda (and ELS k, if given) per step of an >= 2-step grid, sizes odd below max(H, W)
+    and <= min(H, W), lambdas in (0, 1], ELS k odd and positive, and a name no derived schedule has."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        name, (h, w) = doc["name"], (int(v) for v in doc["shape"])
+        sizes, lams = tuple(int(v) for v in doc["patch_sizes"]), tuple(float(v) for v in doc["lambdas"])
+        els = tuple(int(v) for v in doc["els_sizes"]) if doc.get("els_sizes") else None
+        fmt = doc["format"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a readable schedule json ({type(e).__name__}: {e})") from None
+    checks = ((fmt == SCHEDULE_FORMAT, f"format {fmt!r} is not {SCHEDULE_FORMAT!r}"),
+              (isinstance(name, str) and name not in (CIFAR10.name, FASHION_MNIST.name),
+               f"name {name!r} is not a string or is a derived schedule's"),
+              (min(h, w) >= 1, "shape must be positive"),
+              (len(sizes) >= 2 and len(lams) == len(sizes) and (els is None or len(els) == len(sizes)),
+               "needs one patch size, lambda (and ELS k) per step of an >= 2-step grid"),
+              (all(s >= max(h, w) or (s % 2 == 1 and 1 <= s <= min(h, w)) for s in sizes),
+               "patch sizes below the full size must be odd and fit the image"),
+              (all(0 < v <= 1 for v in lams), "lambdas must lie in (0, 1]"),
+              (els is None or all(k >= 1 and k % 2 == 1 for k in els), "ELS sizes must be odd and positive"))
+    for ok, why in checks:
+        if not ok:
+            raise UserError(f"{path}: {why}")
+    return Schedule(name, (h, w), sizes, lams, els)
+
+
+def tuned_schedules(folder: str | os.PathLike = TUNED_DIR) -> dict[str, Schedule]:
+    """Every `*.json` schedule in `folder` (none if it does not exist), by name; UserError on a bad file."""
+    folder = Path(folder)
+    found = [read_schedule_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return {s.name: s for s in found}
+
+
 SCHEDULES = {s.name: s for s in (CIFAR10, FASHION_MNIST)}
+SCHEDULES.update(tuned_schedules())
+# The default schedule per image shape, by name (a shape not listed: the first schedule made for it). Shipping
+# a tuned schedule as the Fashion-MNIST default is the one-line change of "fashion-mnist" to its name here.
+DEFAULTS: dict[tuple[int, int], str] = {(28, 28): "fashion-mnist"}
 
 
 def default_schedule(h: int, w: int) -> Schedule:
     """The bundled schedule for h x w images, else CIFAR-10's scaled the same way as Fashion-MNIST's:
     each crop size by min(H, W) / 32 (crops must fit the short side; CelebA's 178 x 218 gets the sizes of
     178 x 178), its full-size steps kept as the whole image."""
+    if (h, w) in DEFAULTS:
+        return SCHEDULES[DEFAULTS[(h, w)]]
     for s in SCHEDULES.values():
         if s.shape == (h, w):
             return s
