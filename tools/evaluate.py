@@ -1,11 +1,15 @@
 """Evaluate the training-free denoisers against the Fashion-MNIST network (Niedoba et al. 2025, Sec. 4; issue 12).
 
-Writes results.md (tables, verdicts), results.json and PNG plots into --out. Everything is seeded. Every
-section is resumable: each unit of work (a denoiser on a batch of z at one t, a batch of samples, one
-trajectory set) is saved under <out>/eval_state/ when it finishes, so a killed run continues where it
-stopped when started again with the same arguments; results.md is rewritten after every unit group.
+Writes results.md (tables, verdicts), results.json, PNG plots and tuned_schedule.json (s(t) and lambda(t)
+tuned on half A of the forward z, reported on half B) into --out. Everything is seeded. Every section is
+resumable: each unit of work (a denoiser on a batch of z at one t, a batch of samples or trajectories) is
+saved under <out>/eval_state/ when it finishes, so a killed run continues where it stopped when started
+again with the same arguments; results.md is rewritten after every unit group. The counts (--n-z,
+--n-z-study, --n-z-lam, --n-rev, --n-samples, --n-z-els-check) may be raised on an existing state: z, noises
+and trajectories are drawn per index (prefix-stable), so the finished units are reused and only new ones
+run; any other changed setting is refused.
 
-    python tools/evaluate.py --quick --out /tmp/ev     # smoke run, < 1 min
+    python tools/evaluate.py --quick --out /tmp/ev     # smoke run
     python tools/evaluate.py                           # all 60,000 images (+ flips), 256 z / t, 64 + 256 samples
 """
 from __future__ import annotations
@@ -26,12 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pspc_index.classifier import feature_cosine, load_classifier, read_classifier_meta  # noqa: E402
 from pspc_index.denoisers import CFDM, ELS, Empirical, Gaussian, Network, PSPCFlex, PSPCSquare  # noqa: E402
 from pspc_index.els import r_squared  # noqa: E402
+from pspc_index.errors import UserError  # noqa: E402
 from pspc_index.ingest import read_source  # noqa: E402
 from pspc_index.network import load_network  # noqa: E402
 from pspc_index.sampler import initial_noise, pf_ode_sample  # noqa: E402
-from pspc_index.schedule import FASHION_MNIST  # noqa: E402
+from pspc_index.schedule import FASHION_MNIST, Schedule, karras_grid, schedule_to_json  # noqa: E402
 from pspc_index.sensitivity import read_heatmaps  # noqa: E402
 from pspc_index.store import TrainingSet  # noqa: E402
 
@@ -40,11 +46,36 @@ DEN_NAMES = ["optimal", "gaussian", "cfdm", "els", "pspc-square", "pspc-flex"]
 SECTIONS = ("cost", "forward", "identity", "reverse", "els_subset", "samples")
 H = 28
 MID = (0.3, 3.5)  # the middle t range of verdicts (ii), (iii), (vi)
+LAM_GRID = (0.3, 0.5, 0.7, 0.9, 1.0)  # the lambda(t) tuning grid (PSPC-Flex)
+TUNED_NAME = "fashion-mnist-tuned"
+CLASSIFIER = "data/classifier/fmnist-cnn"  # penultimate-layer features: the SSCD stand-in of section 4
+# Settings a state folder may change between runs: every unit is keyed by its index range and every z, noise
+# and trajectory is drawn from its own index, so a larger count reuses the finished units. STATE_VERSION
+# names that drawing scheme: a state written before it (one stream for all z) is refused.
+COUNTS = ("n_z", "n_z_study", "n_z_lam", "n_rev", "n_samples", "n_z_els_check")
+STATE_VERSION = 2
+# The default sizes of a full run and of --quick (a size given on the command line wins).
+FULL = dict(n_z=256, n_z_study=256, n_z_lam=32, n_rev=64, n_samples=256, els_images=100, n_z_els_check=32,
+            batch=64, cost_batch=64)
+QUICK = dict(n_z=4, n_z_study=4, n_z_lam=4, n_rev=4, n_samples=4, els_images=8, n_z_els_check=2, batch=4,
+             cost_batch=4)
+
+
+def stream_seed(*key: int) -> int:
+    """An independent 63-bit seed per key tuple (numpy SeedSequence): one generator per z or noise, so the
+    first n draws are the same for any count."""
+    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def mse(a, b):
     """Per-image MSE over pixels ([-1, 1] units) -> [B] float64."""
     return ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+
+
+def halves(m: torch.Tensor) -> dict:
+    """Mean of per-z values over half A (even z indices: the tuning half) and half B (odd: the held-out half);
+    interleaved so that a larger count keeps every z in its half."""
+    return dict(vs_net_A=m[0::2].mean().item(), vs_net_B=m[1::2].mean().item() if len(m) > 1 else float("nan"))
 
 
 def summary(per_z: dict) -> dict:
@@ -98,18 +129,25 @@ class Eval:
 
     # ------------------------------------------------------------------ resumable units
     def open_state(self):
-        """The state folder: created with a config record, or resumed only with the same settings."""
+        """The state folder: created with a config record, or resumed with the same fixed settings (the COUNTS
+        may change; the units of the first z, noises and trajectories are reused). Other settings: one line on
+        stderr, exit 2 (unless --restart, which discards the folder)."""
         a = self.args
-        cfg = dict(n_data=a.n_data, n_z=a.n_z, n_z_study=a.n_z_study, n_rev=a.n_rev, n_samples=a.n_samples,
-                   els_images=a.els_images, batch=a.batch, seed=a.seed, quick=a.quick)
+        fixed = dict(version=STATE_VERSION, n_data=a.n_data, els_images=a.els_images, batch=a.batch, seed=a.seed,
+                     quick=a.quick)
         rec = self.state / "config.json"
-        if rec.exists() and json.loads(rec.read_text()) != cfg:
-            if not a.restart:
-                sys.exit(f"evaluate: {self.state} holds a run with other settings "
-                         f"({rec.read_text().strip()}); use another --state/--out, or --restart to discard it")
-            shutil.rmtree(self.state)
+        if rec.exists():
+            old = json.loads(rec.read_text()).get("fixed", {})
+            differ = [f"{k} {old.get(k)} -> {v}" for k, v in fixed.items() if old.get(k) != v]
+            if differ and not a.restart:
+                print(f"evaluate: {self.state} holds a run with other settings ({', '.join(differ)}); only "
+                      f"{', '.join('--' + c.replace('_', '-') for c in COUNTS)} may change: use another "
+                      "--state/--out, or --restart to discard it", file=sys.stderr)
+                sys.exit(2)
+            if differ:
+                shutil.rmtree(self.state)
         self.state.mkdir(parents=True, exist_ok=True)
-        rec.write_text(json.dumps(cfg))
+        rec.write_text(json.dumps(dict(fixed=fixed, counts={c: getattr(a, c) for c in COUNTS})))
 
     def unit(self, key: str, fn):
         """fn() -> dict of tensors/numbers, computed once: saved as <state>/<key>.pt (atomically, with its
@@ -125,25 +163,31 @@ class Eval:
         os.replace(tmp, path)
         return val
 
-    def batches(self, n: int):
+    def batched(self, key: str, n: int, fn) -> dict:
+        """fn(slice) -> dict of tensors (batch first) over range(n), as resumable units <key>_<start>-<stop> at
+        multiples of --batch (so a larger n reuses every full batch) -> dict of the concatenations."""
         b = self.args.batch
-        return [(j, slice(j * b, min((j + 1) * b, n))) for j in range(-(-n // b))]
+        parts = [self.unit(f"{key}_{j}-{min(j + b, n)}", lambda j=j: fn(slice(j, min(j + b, n))))
+                 for j in range(0, n, b)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "_s"}
 
     def per_z(self, key: str, name: str, z, t, ref, keep=False, opt=None):
         """A denoiser's per-z MSE and r^2 against ref over all z, in resumable batches; keep: also the
         outputs (as "out"); opt: also the MSE against these outputs (as "vs_opt")."""
-        parts = []
-        for j, sl in self.batches(len(z)):
-            def run(sl=sl):
-                d = self.den(name)(z[sl], t)
-                v = dict(mse=mse(d, ref[sl]), r2=r_squared(d, ref[sl]))
-                if keep:
-                    v["out"] = d
-                if opt is not None:
-                    v["vs_opt"] = mse(d, opt[sl])
-                return v
-            parts.append(self.unit(f"{key}_b{j}", run))
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "_s"}
+        def run(sl):
+            d = self.den(name)(z[sl], t)
+            v = dict(mse=mse(d, ref[sl]), r2=r_squared(d, ref[sl]))
+            if keep:
+                v["out"] = d
+            if opt is not None:
+                v["vs_opt"] = mse(d, opt[sl])
+            return v
+        return self.batched(key, len(z), run)
+
+    def network_z(self, i: int, z) -> torch.Tensor:
+        """The network's outputs on forward z at grid t_i, in resumable batches."""
+        t = float(self.grid[i])
+        return self.batched(f"fwd_t{i:02d}_network", len(z), lambda sl: dict(out=self.net(z[sl], t)))["out"]
 
     def seconds(self, prefix: str) -> float:
         """Compute seconds of every saved unit of a section (this run and earlier ones)."""
@@ -157,11 +201,12 @@ class Eval:
         self.data = TrainingSet(torch.from_numpy(np.ascontiguousarray(imgs[keep.numpy()])), xflip=True)
         self.maps, self.hts, _ = read_heatmaps("data/heatmaps/fmnist-unet.zarr")
         self.net = Network(load_network("data/network/fmnist-unet"), (1, H, H))
+        self.clf_meta = read_classifier_meta(CLASSIFIER)  # checked up front, used by the samples section
         self._dens = {}
         self.res["setup"] = dict(n_stored=len(keep), n_virtual=len(self.data), n_z=a.n_z, n_z_study=a.n_z_study,
-                                 n_rev=a.n_rev, n_samples=a.n_samples, els_images=a.els_images, batch=a.batch,
-                                 seed=a.seed, quick=a.quick, threads=torch.get_num_threads(), argv=sys.argv[1:],
-                                 reduced_note=a.reduced_note)
+                                 n_z_lam=a.n_z_lam, n_rev=a.n_rev, n_samples=a.n_samples, els_images=a.els_images,
+                                 batch=a.batch, seed=a.seed, quick=a.quick, threads=torch.get_num_threads(),
+                                 argv=sys.argv[1:], reduced_note=a.reduced_note)
 
     def den(self, name: str):
         """The named denoiser (made on first use: the Gaussian's eigendecomposition takes a while)."""
@@ -172,15 +217,18 @@ class Eval:
                                        seed=self.args.seed),
                     "pspc-square": lambda: PSPCSquare(self.data, schedule=self.sched),
                     "pspc-flex": lambda: PSPCFlex(self.data, self.maps, self.hts, schedule=self.sched)}
-            if name.startswith(("square-", "els-m")):
+            if name.startswith(("square-", "els-m", "flex-lam")):
                 return self.den_extra(name)
             self._dens[name] = make[name]()
         return self._dens[name]
 
     def den_extra(self, name: str):
-        """Denoisers of the studies, made per use: square-S (PSPC-Square at fixed S), els-mM (ELS pool M)."""
+        """Denoisers of the studies, made per use: square-S (PSPC-Square at fixed S), els-mM (ELS pool M),
+        flex-lamL (PSPC-Flex at fixed lambda L)."""
         if name.startswith("square-"):
             return PSPCSquare(self.data, patch_size=int(name[7:]))
+        if name.startswith("flex-lam"):
+            return PSPCFlex(self.data, self.maps, self.hts, lam=float(name[8:]))
         return ELS(self.data, schedule=self.sched, max_images=int(name[5:]), seed=self.args.seed)
 
     def row(self, pz: dict, **fields) -> dict:
@@ -227,19 +275,21 @@ class Eval:
         self.write(plots=False)
 
     # ------------------------------------------------------------------ 1 + 3a: forward process
-    def forward_z(self, i):
+    def forward_z(self, i: int, n: int | None = None):
+        """(t_i, z [n, 1, H, W]) with z_j = x_j + t_i eps_j, x_j uniform over D; z_j is drawn from its own
+        generator seeded by (seed, i, j), so the first n z are the same for any --n-z (default n)."""
         t = float(self.grid[i])
-        g = torch.Generator().manual_seed(self.args.seed * 1000 + 17 + i)
-        idx = torch.randint(0, len(self.data), (self.args.n_z,), generator=g)
-        x = self.data.get(idx)
-        return t, x + t * torch.randn(x.shape, generator=g)
+        gens = [torch.Generator().manual_seed(stream_seed(self.args.seed, 17, i, j))
+                for j in range(self.args.n_z if n is None else n)]
+        x = self.data.get(torch.tensor([int(torch.randint(len(self.data), (1,), generator=g)) for g in gens]))
+        return t, x + t * torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
 
     def forward(self):
-        rows, study = [], []
-        ns = self.args.n_z_study
+        rows, study, lam_study = [], [], []
+        ns, nl = self.args.n_z_study, self.args.n_z_lam
         for i in self.fwd_idx:
             t, z = self.forward_z(i)
-            net = self.unit(f"fwd_t{i:02d}_network", lambda: dict(out=self.net(z, t)))["out"]
+            net = self.network_z(i, z)
             pz = self.baselines(f"fwd_t{i:02d}", z, t, net)
             opt = pz["optimal"]
             s_t, lam = int(self.sched.patch_sizes[i]), float(self.sched.lambdas[i])
@@ -248,24 +298,67 @@ class Eval:
                     st = opt if s == H else self.per_z(f"fwd_t{i:02d}_square{s}", f"square-{s}", z[:ns], t, net[:ns],
                                                        opt=opt["out"][:ns])
                     study.append(dict(i=i, t=t, s=s, vs_opt=0.0 if s == H else st["vs_opt"][:ns].mean().item(),
-                                      vs_net=st["mse"][:ns].mean().item()))
+                                      vs_net=st["mse"][:ns].mean().item(), **halves(st["mse"][:ns])))
                 pz["pspc-square"] = self.per_z(f"fwd_t{i:02d}_square{s_t}", f"square-{s_t}", z, t, net,
                                                opt=opt["out"])
             else:  # s(t) = H: the one full-image crop, the optimal denoiser itself (section 4, verdict iv)
                 pz["pspc-square"] = opt
             self.close_row("forward", "fwd", i, pz, z, t, net, s_t, lam, rows, study)
+            if i in self.small_idx:  # lambda(t) study on the first nl z (lambda = 1 is the optimal denoiser)
+                for v in sorted(set(LAM_GRID) | {lam}):  # the shipped lambda: the pspc-flex row's z
+                    st = (opt if v >= 1 else pz["pspc-flex"] if v == lam else
+                          self.per_z(f"fwd_t{i:02d}_lam{v:g}", f"flex-lam{v:g}", z[:nl], t, net[:nl]))
+                    lam_study.append(dict(i=i, t=t, lam=v, candidate=v in LAM_GRID, shipped=v == lam,
+                                          vs_net=st["mse"][:nl].mean().item(), **halves(st["mse"][:nl])))
+                self.res["study_lam"] = lam_study
+                self.write(plots=False)
         self.res["forward_seconds"] = {k: self.seconds(f"fwd_t*_{k}") for k in ("optimal", "gaussian", "cfdm", "els",
-                                                                                 "flex")}
+                                                                                 "flex", "lam")}
+        self.tune_schedule()
+
+    def tune_schedule(self):
+        """Per tuned grid t (those of both studies): the odd study size s (PSPC-Square) and the LAM_GRID lambda
+        (PSPC-Flex) with the lowest mean MSE against the network on half A of the forward z, and the MSE of
+        each on half B next to the shipped schedule's. Writes <out>/tuned_schedule.json: the shipped schedule
+        with the tuned values at those t (schedule.read_schedule_json reads it; ship it in pspc_index/schedules/)."""
+        sf, sl = self.res.get("study_fwd") or [], self.res.get("study_lam") or []
+        sizes, lams, rows = list(self.sched.patch_sizes), list(self.sched.lambdas), []
+        for i in sorted({r["i"] for r in sf} & {r["i"] for r in sl}):
+            # 1. the candidates at this t: odd sizes (s = H is the optimal denoiser), the lambda grid
+            sq = {r["s"]: r for r in sf if r["i"] == i}
+            lm = {r["lam"]: r for r in sl if r["i"] == i}
+            ship_s, ship_l = int(self.sched.patch_sizes[i]), float(self.sched.lambdas[i])
+            # 2. the best of each on half A
+            best_s = min((s for s in sq if s % 2), key=lambda s: sq[s]["vs_net_A"])
+            best_l = min((v for v in lm if lm[v]["candidate"]), key=lambda v: lm[v]["vs_net_A"])
+            # 3. their MSE on the held-out half B, and the shipped values' and the optimal denoiser's there
+            rows.append(dict(i=i, t=float(self.grid[i]), s=best_s, s_B=sq[best_s]["vs_net_B"], s_shipped=ship_s,
+                             s_shipped_B=sq[ship_s]["vs_net_B"], optimal_B=sq[H]["vs_net_B"], lam=best_l,
+                             lam_B=lm[best_l]["vs_net_B"], lam_shipped=ship_l, lam_shipped_B=lm[ship_l]["vs_net_B"],
+                             optimal_lam_B=lm[1.0]["vs_net_B"]))
+            sizes[i], lams[i] = best_s, best_l
+        if not rows:
+            return
+        tuned = Schedule(TUNED_NAME, (H, H), tuple(sizes), tuple(lams), self.sched.els_sizes)
+        a = self.args
+        meta = dict(made_by="tools/evaluate.py " + " ".join(sys.argv[1:]), base=self.sched.name,
+                    tuned_grid_indices=[r["i"] for r in rows], n_data=self.res["setup"]["n_stored"],
+                    n_z_study=a.n_z_study, n_z_lam=a.n_z_lam, seed=a.seed, lam_grid=list(LAM_GRID),
+                    sizes=[s for s in SIZES if s % 2], halves="A = even z indices (tuning), B = odd (held out)",
+                    rows=rows)
+        (self.out / "tuned_schedule.json").write_text(json.dumps(schedule_to_json(tuned, meta), indent=1) + "\n")
+        self.res["tuned"] = dict(rows=rows, patch_sizes=list(sizes), lambdas=list(lams))
 
     # ------------------------------------------------------------------ 2 + 3b: reverse process
     def reverse(self):
         a = self.args
-        z0 = initial_noise(a.seed + 1, range(a.n_rev), (1, H, H))
+        z0 = initial_noise(a.seed + 1, range(a.n_rev), (1, H, H))  # noise j seeded by (seed + 1, j)
 
-        def trajectories():
-            _, tr = pf_ode_sample(self.net, z0, steps=18, solver="heun", record=True)
-            return dict(ts=tr.ts, z=tr.z, denoised=tr.denoised)
-        traj = self.unit("rev_traj", trajectories)
+        def trajectories(sl):  # batch first, so that batches concatenate
+            _, tr = pf_ode_sample(self.net, z0[sl], steps=18, solver="heun", record=True)
+            return dict(z=tr.z.transpose(0, 1), denoised=tr.denoised.transpose(0, 1))
+        traj = {k: v.transpose(0, 1) for k, v in self.batched("rev_traj", a.n_rev, trajectories).items()}
+        traj["ts"] = karras_grid(18)
         rows, study = [], []
         half = a.n_rev // 2
         steps = range(18) if not a.quick else list(range(0, 18, 3)) + [17]
@@ -296,8 +389,7 @@ class Eval:
             out = []
             idx = (self.small_idx[0], self.small_idx[len(self.small_idx) // 2], self.small_idx[-1], self.big_idx[0])
             for i in idx[1::2] if self.args.quick else idx:
-                t, z = self.forward_z(i)
-                z = z[:8]
+                t, z = self.forward_z(i, 8)
                 opt = self.den("optimal")(z, t)
                 d_sq = (PSPCSquare(self.data, patch_size=H)(z, t) - opt).abs().max().item()
                 d_fx = (PSPCFlex(self.data, self.maps, self.hts, lam=1.0)(z, t) - opt).abs().max().item()
@@ -321,9 +413,9 @@ class Eval:
         idx = [i for i in self.small_idx if MID[0] <= float(self.grid[i]) <= MID[1]][:3] or self.small_idx[:1]
         rows = []
         for i in idx:
-            t, z = self.forward_z(i)
-            net = self.unit(f"fwd_t{i:02d}_network", lambda: dict(out=self.net(z, t)))["out"]
-            per = {mm: self.per_z(f"elssub_t{i:02d}_m{mm}", f"els-m{mm}", z[:n], t, net[:n]) for mm in ms}
+            t, z = self.forward_z(i, n)
+            net = self.network_z(i, z)
+            per = {mm: self.per_z(f"elssub_t{i:02d}_m{mm}", f"els-m{mm}", z, t, net) for mm in ms}
             top = per[ms[-1]]["mse"]
             for mm in ms:
                 d = per[mm]["mse"] - top
@@ -334,24 +426,28 @@ class Eval:
     # ------------------------------------------------------------------ 4: samples
     def samples(self):
         a = self.args
-        z0 = initial_noise(a.seed + 2, range(a.n_samples), (1, H, H))
+        z0 = initial_noise(a.seed + 2, range(a.n_samples), (1, H, H))  # noise j seeded by (seed + 2, j)
         xs = {}
         for name in ["network"] + DEN_NAMES:
-            parts = [self.unit(f"smp_{name}_{sl.start}-{sl.stop}",
-                               lambda sl=sl: dict(x=pf_ode_sample(self.den(name), z0[sl].clone(), steps=18,
-                                                                  solver="euler")))
-                     for _, sl in self.batches(a.n_samples)]
-            xs[name] = torch.cat([p["x"] for p in parts])
-            print(f"[samples] {name} {sum(p['_s'] for p in parts):.1f}s", flush=True)
+            t0 = time.time()
+            xs[name] = self.batched(f"smp_{name}", a.n_samples, lambda sl, name=name: dict(
+                x=pf_ode_sample(self.den(name), z0[sl].clone(), steps=18, solver="euler")))["x"]
+            print(f"[samples] {name} {time.time() - t0:.1f}s (this run)", flush=True)
         names = list(xs)
         mu = self.data.get(torch.arange(len(self.data))).mean(0).flatten()
-        cos_c, cos_u = np.zeros((len(names),) * 2), np.zeros((len(names),) * 2)
+        clf = load_classifier(CLASSIFIER)
+        cos_c, cos_u, cos_f = (np.zeros((len(names),) * 2) for _ in range(3))
         for p, u in enumerate(names):
             for q, v in enumerate(names):
                 xu, xv = xs[u].flatten(1).double(), xs[v].flatten(1).double()
                 cos_u[p, q] = torch.nn.functional.cosine_similarity(xu, xv, dim=1).mean().item()
                 cos_c[p, q] = torch.nn.functional.cosine_similarity(xu - mu.double(), xv - mu.double(), dim=1).mean().item()
-        self.res["samples"] = dict(names=names, cos_centered=cos_c.tolist(), cos_raw=cos_u.tolist())
+                cos_f[p, q] = feature_cosine(clf, xs[u], xs[v]).mean().item()
+        meta = self.clf_meta
+        clf_info = dict(path=CLASSIFIER, test_accuracy=meta["meta"].get("test_accuracy"),
+                        n_test=meta["meta"].get("n_test"), features=meta["config"]["features"])
+        self.res["samples"] = dict(names=names, cos_centered=cos_c.tolist(), cos_raw=cos_u.tolist(),
+                                   cos_features=cos_f.tolist(), classifier=clf_info)
         self._plot_samples(xs)
 
     # ------------------------------------------------------------------ plots
@@ -466,10 +562,14 @@ class Eval:
             j = nm.index("network")
             f = {k: c[j, nm.index(k)] for k in DEN_NAMES}
             fr = {k: r[j, nm.index(k)] for k in DEN_NAMES}
+            ff = {k: np.array(s["cos_features"])[j, nm.index(k)] for k in DEN_NAMES}
             holds = f["pspc-flex"] > f["optimal"] and f["pspc-square"] > f["optimal"]
             v.append(("(v) PSPC samples closer to network samples than optimal's are (centred cosine)", holds,
                       "centred cos to network: " + ", ".join(f"{k} {f[k]:.3f}" for k in DEN_NAMES)
-                      + "; raw cos: " + ", ".join(f"{k} {fr[k]:.3f}" for k in DEN_NAMES)))
+                      + "; raw cos: " + ", ".join(f"{k} {fr[k]:.3f}" for k in DEN_NAMES)
+                      + "; classifier-feature cos (the SSCD stand-in, section 4): "
+                      + ", ".join(f"{k} {ff[k]:.3f}" for k in DEN_NAMES) + " (both PSPC above optimal there: "
+                      + ("yes" if min(ff["pspc-flex"], ff["pspc-square"]) > ff["optimal"] else "no") + ")"))
         return v
 
     def subsampling(self) -> list[str]:
@@ -492,6 +592,10 @@ class Eval:
         if a.n_z_study < a.n_z:
             lines.append(f"- The patch-size study (section 3, forward z) uses the first {a.n_z_study} of the {a.n_z} z "
                          "per t (each size is a full PSPC-Square pass).")
+        if a.n_z_lam < a.n_z:
+            lines.append(f"- The lambda(t) tuning (section 6) uses the first {a.n_z_lam} of the {a.n_z} forward z "
+                         "per t: PSPC-Flex at large lambda gathers large masks from every image on every call, "
+                         "the costliest denoiser per z.")
         if a.quick:
             lines.append("- QUICK smoke run: tiny sizes throughout; no number here is evidence.")
         if a.reduced_note and n >= 60000:
@@ -572,6 +676,7 @@ class Eval:
                 L.append(f"| {r['t']:.4g} | {r['k']} | {r['m']} | {r['mse']:.4g} ± {r['se']:.1g} | {r['r2']:.3f} | "
                          f"{r['diff']:+.2g} ± {r['diff_se']:.1g} |")
         L += self.samples_md()
+        L += self.tuned_md()
         (self.out / "results.md").write_text("\n".join(L) + "\n")
 
     def summary_table(self) -> list[str]:
@@ -663,8 +768,48 @@ class Eval:
                 for p, u in enumerate(nm):
                     L.append(f"| {u} | " + " | ".join(f"{c[p, q]:.3f}" for q in range(len(nm))) + " |")
                 L.append("")
-            L.append("![samples](eval_samples.png)")
+            c, clf = np.array(s["cos_features"]), s["classifier"]
+            acc = clf["test_accuracy"]
+            L += [f"**Feature space (a stand-in for the paper's SSCD).** SSCD cannot be had here; instead, the cosine "
+                  f"between the {clf['features']}-d penultimate-layer features of a small Fashion-MNIST CNN classifier "
+                  f"(`{clf['path']}`, tools/train_classifier.py; test accuracy {acc:.4f} on {clf['n_test']} "
+                  "held-out training images, the official test split not being bundled) of each pair of samples "
+                  "from the same noise (pixels clamped to [-1, 1]), averaged over the noises. It measures whether two "
+                  "samples look alike to a classifier, not copy detection as SSCD does.", "",
+                  "| | " + " | ".join(nm) + " |", "|---|" + "---|" * len(nm)]
+            for p, u in enumerate(nm):
+                L.append(f"| {u} | " + " | ".join(f"{c[p, q]:.3f}" for q in range(len(nm))) + " |")
+            L += ["", "![samples](eval_samples.png)"]
         L.append("")
+        return L
+
+    def tuned_md(self) -> list[str]:
+        """Section 6: the schedules tuned on half A of the forward z, against the shipped one on half B."""
+        L = ["", "## 6. Schedules tuned on forward z (half A), reported on the held-out half B", ""]
+        tu = self.res.get("tuned")
+        if not tu:
+            return L + ["not run"]
+        a, rows = self.args, tu["rows"]
+        L += [f"Per grid t with lambda(t) < 1: PSPC-Square's s over the odd sizes {[s for s in SIZES if s % 2]} on the "
+              f"first {a.n_z_study} forward z, PSPC-Flex's lambda over {list(LAM_GRID)} on the first {a.n_z_lam}; "
+              "each chosen by the lowest mean MSE against the network on half A (even z indices), reported as the "
+              "mean MSE on half B (odd z indices) next to the shipped schedule "
+              f"(`{self.sched.name}`) and the optimal denoiser on half B. Written to `tuned_schedule.json` "
+              f"(name `{TUNED_NAME}`; the shipped values at the other grid t).", "",
+              "| t | tuned s | MSE tuned s (B) | shipped s | MSE shipped s (B) | tuned lambda | MSE tuned lambda (B) "
+              "| shipped lambda | MSE shipped lambda (B) | optimal (B) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: -r["t"]):
+            L.append(f"| {r['t']:.4g} | {r['s']} | {r['s_B']:.4g} | {r['s_shipped']} | {r['s_shipped_B']:.4g} | "
+                     f"{r['lam']:g} | {r['lam_B']:.4g} | {r['lam_shipped']:g} | {r['lam_shipped_B']:.4g} | "
+                     f"{r['optimal_B']:.4g} |")
+        L.append("")
+        for kind, k in (("s(t)", "s"), ("lambda(t)", "lam")):
+            lower = sum(r[f"{k}_B"] < r[f"{k}_shipped_B"] for r in rows)
+            same = sum(r[k] == r[f"{k}_shipped"] for r in rows)
+            L.append(f"- Tuned {kind}: mean over these t on half B {np.mean([r[f'{k}_B'] for r in rows]):.4g}, "
+                     f"shipped {np.mean([r[f'{k}_shipped_B'] for r in rows]):.4g}; lower at {lower}/{len(rows)} t, "
+                     f"the same value at {same}/{len(rows)} t.")
+        L += ["", f"Tuned s(t) on the 18-step grid (high t first): {tu['patch_sizes']}; lambda(t): {tu['lambdas']}."]
         return L
 
 
@@ -672,15 +817,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-data", type=int, default=60000, help="stored training images (x2 with flips); < 60,000: "
                    "a seeded subset")
-    p.add_argument("--n-z", type=int, default=256, help="forward-process z per t")
-    p.add_argument("--n-z-study", type=int, default=256, help="forward z per t of the patch-size study (the first ones)")
-    p.add_argument("--n-rev", type=int, default=64, help="reverse-process trajectories (network Heun)")
-    p.add_argument("--n-samples", type=int, default=256, help="shared-noise Euler samples per denoiser")
-    p.add_argument("--els-images", type=int, default=100, help="ELS pool: seeded subset of stored images (+ flips)")
-    p.add_argument("--n-z-els-check", type=int, default=32, help="forward z per t of the ELS pool-size check")
-    p.add_argument("--batch", type=int, default=64, help="z per denoiser call (and per resumable unit)")
-    p.add_argument("--cost-batch", type=int, default=64, help="B of the timed call per denoiser")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    p.add_argument("--n-z", type=int, help="forward-process z per t (default 256; --quick 4)")
+    p.add_argument("--n-z-study", type=int, help="forward z per t of the patch-size study and s(t) tuning (the first "
+                   "ones; default 256; --quick 4)")
+    p.add_argument("--n-z-lam", type=int, help=f"forward z per t of the lambda(t) tuning (the first ones; default "
+                   f"{FULL['n_z_lam']}; --quick 4)")
+    p.add_argument("--n-rev", type=int, help="reverse-process trajectories (network Heun; default 64; --quick 4)")
+    p.add_argument("--n-samples", type=int, help="shared-noise Euler samples per denoiser (default 256; --quick 4)")
+    p.add_argument("--els-images", type=int, help="ELS pool: seeded subset of stored images (+ flips; default 100; "
+                   "--quick 8)")
+    p.add_argument("--n-z-els-check", type=int, help="forward z per t of the ELS pool-size check (default 32; "
+                   "--quick 2)")
+    p.add_argument("--batch", type=int, help="z per denoiser call (and per resumable unit; default 64; --quick 4)")
+    p.add_argument("--cost-batch", type=int, help="B of the timed call per denoiser (default 64; --quick 4)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (at most 200 images; small defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/")
@@ -689,11 +839,18 @@ def main():
     p.add_argument("--reduced-note", default="", help="a sentence for results.md on why sizes were reduced")
     p.add_argument("--skip", default="", help="comma list of sections to skip: " + ",".join(SECTIONS))
     a = p.parse_args()
+    for k, v in (QUICK if a.quick else FULL).items():  # the defaults of the sizes not given
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if a.quick:
-        a.n_data, a.n_z, a.n_z_study, a.n_rev, a.n_samples = (min(a.n_data, 200), min(a.n_z, 4), min(a.n_z_study, 4),
-                                                              min(a.n_rev, 4), min(a.n_samples, 4))
-        a.els_images, a.n_z_els_check, a.batch, a.cost_batch = min(a.els_images, 8), min(a.n_z_els_check, 2), 4, 4
-    a.n_z_study = min(a.n_z_study, a.n_z)
+        a.n_data = min(a.n_data, 200)
+    a.n_z_study, a.n_z_lam = min(a.n_z_study, a.n_z), min(a.n_z_lam, a.n_z)
+    small = [k for k in ("n_z_study", "n_z_lam") if getattr(a, k) < 2] + [
+        k for k in COUNTS + ("n_data", "els_images", "batch", "cost_batch") if getattr(a, k) < 1]
+    if small:
+        print(f"evaluate: --{small[0].replace('_', '-')} is too small (the tuning halves need >= 2 z, every other "
+              "size >= 1)", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     ev = Eval(a)
@@ -714,4 +871,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        sys.exit(2)
