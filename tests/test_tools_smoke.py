@@ -35,13 +35,14 @@ def test_attribution_check_tiny():
 
 
 def test_evaluate_quick_extended_on_its_state(tmp_path):
-    """Every section at toy sizes; the counts raised on the first run's state reuse its units (prefix-stable
-    draws) and run only the new ones; another fixed setting is refused with one line, exit 2."""
+    """Every section at toy sizes; the counts raised (and the lambda grid widened) on the first run's state reuse
+    its units (prefix-stable draws) and run only the new ones; another fixed setting is refused with one line,
+    exit 2."""
     small = ("--n-z", 2, "--n-z-study", 2, "--n-z-lam", 2, "--n-rev", 2, "--n-samples", 2, "--n-z-els-check", 2)
     common = ("tools/evaluate.py", "--quick", "--threads", 1, "--batch", 2, "--out", tmp_path)
-    run_tool(*common, *small, "--skip", "cost,identity,els_subset", timeout=300)
+    run_tool(*common, *small, "--lam-grid", "0.5,1", "--skip", "cost,identity,els_subset", timeout=300)
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eval_state").glob("*.pt")}
-    assert {"fwd_t00_network_0-2.pt", "rev_traj_0-2.pt", "smp_pspc-flex_0-2.pt"} <= set(first)
+    assert {"fwd_t00_network_0-2.pt", "rev_traj_0-2.pt", "smp_pspc-flex_0-2.pt", "fwd_t07_lam0.5_0-2.pt"} <= set(first)
     run_tool(*common, timeout=300)
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eval_state").glob("*.pt")}
     assert all(after[k] == v for k, v in first.items())  # reused, not recomputed

@@ -46,16 +46,16 @@ DEN_NAMES = ["optimal", "gaussian", "cfdm", "els", "pspc-square", "pspc-flex"]
 SECTIONS = ("cost", "forward", "identity", "reverse", "els_subset", "samples")
 H = 28
 MID = (0.3, 3.5)  # the middle t range of verdicts (ii), (iii), (vi)
-LAM_GRID = (0.3, 0.5, 0.7, 0.9, 1.0)  # the lambda(t) tuning grid (PSPC-Flex)
 TUNED_NAME = "fashion-mnist-tuned"
 CLASSIFIER = "data/classifier/fmnist-cnn"  # penultimate-layer features: the SSCD stand-in of section 4
-# Settings a state folder may change between runs: every unit is keyed by its index range and every z, noise
-# and trajectory is drawn from its own index, so a larger count reuses the finished units. STATE_VERSION
+# Settings a state folder may change between runs: every unit is keyed by its index range (or lambda) and every
+# z, noise and trajectory is drawn from its own index, so a larger count reuses the finished units. STATE_VERSION
 # names that drawing scheme: a state written before it (one stream for all z) is refused.
 COUNTS = ("n_z", "n_z_study", "n_z_lam", "n_rev", "n_samples", "n_z_els_check")
+CHANGEABLE = COUNTS + ("lam_grid",)
 STATE_VERSION = 2
 # The default sizes of a full run and of --quick (a size given on the command line wins).
-FULL = dict(n_z=256, n_z_study=256, n_z_lam=32, n_rev=64, n_samples=256, els_images=100, n_z_els_check=32,
+FULL = dict(n_z=256, n_z_study=256, n_z_lam=64, n_rev=64, n_samples=256, els_images=100, n_z_els_check=32,
             batch=64, cost_batch=64)
 QUICK = dict(n_z=4, n_z_study=4, n_z_lam=4, n_rev=4, n_samples=4, els_images=8, n_z_els_check=2, batch=4,
              cost_batch=4)
@@ -129,8 +129,8 @@ class Eval:
 
     # ------------------------------------------------------------------ resumable units
     def open_state(self):
-        """The state folder: created with a config record, or resumed with the same fixed settings (the COUNTS
-        may change; the units of the first z, noises and trajectories are reused). Other settings: one line on
+        """The state folder: created with a config record, or resumed with the same fixed settings (CHANGEABLE
+        ones may change; the units of the first z, noises and trajectories are reused). Other settings: one line on
         stderr, exit 2 (unless --restart, which discards the folder)."""
         a = self.args
         fixed = dict(version=STATE_VERSION, n_data=a.n_data, els_images=a.els_images, batch=a.batch, seed=a.seed,
@@ -141,13 +141,13 @@ class Eval:
             differ = [f"{k} {old.get(k)} -> {v}" for k, v in fixed.items() if old.get(k) != v]
             if differ and not a.restart:
                 print(f"evaluate: {self.state} holds a run with other settings ({', '.join(differ)}); only "
-                      f"{', '.join('--' + c.replace('_', '-') for c in COUNTS)} may change: use another "
+                      f"{', '.join('--' + c.replace('_', '-') for c in CHANGEABLE)} may change: use another "
                       "--state/--out, or --restart to discard it", file=sys.stderr)
                 sys.exit(2)
             if differ:
                 shutil.rmtree(self.state)
         self.state.mkdir(parents=True, exist_ok=True)
-        rec.write_text(json.dumps(dict(fixed=fixed, counts={c: getattr(a, c) for c in COUNTS})))
+        rec.write_text(json.dumps(dict(fixed=fixed, changeable={c: getattr(a, c) for c in CHANGEABLE})))
 
     def unit(self, key: str, fn):
         """fn() -> dict of tensors/numbers, computed once: saved as <state>/<key>.pt (atomically, with its
@@ -305,10 +305,10 @@ class Eval:
                 pz["pspc-square"] = opt
             self.close_row("forward", "fwd", i, pz, z, t, net, s_t, lam, rows, study)
             if i in self.small_idx:  # lambda(t) study on the first nl z (lambda = 1 is the optimal denoiser)
-                for v in sorted(set(LAM_GRID) | {lam}):  # the shipped lambda: the pspc-flex row's z
+                for v in sorted(set(self.args.lam_grid) | {lam, 1.0}):  # shipped lambda: the pspc-flex row's z
                     st = (opt if v >= 1 else pz["pspc-flex"] if v == lam else
                           self.per_z(f"fwd_t{i:02d}_lam{v:g}", f"flex-lam{v:g}", z[:nl], t, net[:nl]))
-                    lam_study.append(dict(i=i, t=t, lam=v, candidate=v in LAM_GRID, shipped=v == lam,
+                    lam_study.append(dict(i=i, t=t, lam=v, candidate=v in self.args.lam_grid, shipped=v == lam,
                                           vs_net=st["mse"][:nl].mean().item(), **halves(st["mse"][:nl])))
                 self.res["study_lam"] = lam_study
                 self.write(plots=False)
@@ -317,7 +317,7 @@ class Eval:
         self.tune_schedule()
 
     def tune_schedule(self):
-        """Per tuned grid t (those of both studies): the odd study size s (PSPC-Square) and the LAM_GRID lambda
+        """Per tuned grid t (those of both studies): the odd study size s (PSPC-Square) and the --lam-grid lambda
         (PSPC-Flex) with the lowest mean MSE against the network on half A of the forward z, and the MSE of
         each on half B next to the shipped schedule's. Writes <out>/tuned_schedule.json: the shipped schedule
         with the tuned values at those t (schedule.read_schedule_json reads it; ship it in pspc_index/schedules/)."""
@@ -343,7 +343,7 @@ class Eval:
         a = self.args
         meta = dict(made_by="tools/evaluate.py " + " ".join(sys.argv[1:]), base=self.sched.name,
                     tuned_grid_indices=[r["i"] for r in rows], n_data=self.res["setup"]["n_stored"],
-                    n_z_study=a.n_z_study, n_z_lam=a.n_z_lam, seed=a.seed, lam_grid=list(LAM_GRID),
+                    n_z_study=a.n_z_study, n_z_lam=a.n_z_lam, seed=a.seed, lam_grid=list(a.lam_grid),
                     sizes=[s for s in SIZES if s % 2], halves="A = even z indices (tuning), B = odd (held out)",
                     rows=rows)
         (self.out / "tuned_schedule.json").write_text(json.dumps(schedule_to_json(tuned, meta), indent=1) + "\n")
@@ -594,8 +594,8 @@ class Eval:
                          "per t (each size is a full PSPC-Square pass).")
         if a.n_z_lam < a.n_z:
             lines.append(f"- The lambda(t) tuning (section 6) uses the first {a.n_z_lam} of the {a.n_z} forward z "
-                         "per t: PSPC-Flex at large lambda gathers large masks from every image on every call, "
-                         "the costliest denoiser per z.")
+                         "per t: every PSPC-Flex call gathers its masks (large at large lambda) from every image, "
+                         "whatever its batch, so each lambda costs about one call per batch of z.")
         if a.quick:
             lines.append("- QUICK smoke run: tiny sizes throughout; no number here is evidence.")
         if a.reduced_note and n >= 60000:
@@ -791,7 +791,7 @@ class Eval:
             return L + ["not run"]
         a, rows = self.args, tu["rows"]
         L += [f"Per grid t with lambda(t) < 1: PSPC-Square's s over the odd sizes {[s for s in SIZES if s % 2]} on the "
-              f"first {a.n_z_study} forward z, PSPC-Flex's lambda over {list(LAM_GRID)} on the first {a.n_z_lam}; "
+              f"first {a.n_z_study} forward z, PSPC-Flex's lambda over {list(a.lam_grid)} on the first {a.n_z_lam}; "
               "each chosen by the lowest mean MSE against the network on half A (even z indices), reported as the "
               "mean MSE on half B (odd z indices) next to the shipped schedule "
               f"(`{self.sched.name}`) and the optimal denoiser on half B. Written to `tuned_schedule.json` "
@@ -822,6 +822,9 @@ def main():
                    "ones; default 256; --quick 4)")
     p.add_argument("--n-z-lam", type=int, help=f"forward z per t of the lambda(t) tuning (the first ones; default "
                    f"{FULL['n_z_lam']}; --quick 4)")
+    p.add_argument("--lam-grid", type=lambda v: tuple(sorted({float(x) for x in v.split(",")})),
+                   default=(0.3, 0.5, 0.7, 0.9, 1.0), help="comma list of the lambda(t) tuning candidates in (0, 1] "
+                   "(default 0.3,0.5,0.7,0.9,1.0); PSPC-Flex's cost grows steeply with lambda")
     p.add_argument("--n-rev", type=int, help="reverse-process trajectories (network Heun; default 64; --quick 4)")
     p.add_argument("--n-samples", type=int, help="shared-noise Euler samples per denoiser (default 256; --quick 4)")
     p.add_argument("--els-images", type=int, help="ELS pool: seeded subset of stored images (+ flips; default 100; "
@@ -845,6 +848,9 @@ def main():
     if a.quick:
         a.n_data = min(a.n_data, 200)
     a.n_z_study, a.n_z_lam = min(a.n_z_study, a.n_z), min(a.n_z_lam, a.n_z)
+    if not all(0 < v <= 1 for v in a.lam_grid):
+        print(f"evaluate: --lam-grid values must lie in (0, 1], got {list(a.lam_grid)}", file=sys.stderr)
+        sys.exit(2)
     small = [k for k in ("n_z_study", "n_z_lam") if getattr(a, k) < 2] + [
         k for k in COUNTS + ("n_data", "els_images", "batch", "cost_batch") if getattr(a, k) < 1]
     if small:
