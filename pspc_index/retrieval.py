@@ -22,12 +22,18 @@ Per s and anchor block (stride x stride locations sharing one union-window index
      inequality with the cell's centroid and radius, the cell's per-pixel box, and, for flat indices, the
      k-th FAISS window distance less the most the rest of the window can add. With U the sum of the
      unscored images' largest possible terms, eps = U / (Z_S + U) bounds the unscored posterior mass, and
-     the patch mean's error is at most 2 eps per coordinate (pixels in [-1, 1]); with the tail, plus the
-     largest coordinate by which the merged mean moved off the candidates' mean. A valid bound, not an
+     the patch mean's error is at most 2 eps per coordinate (pixels in [-1, 1]). A valid bound, not an
      estimate (beyond the kernel's own rounding, posterior.py: <= 4e-6, 0 in float64). With a tolerance,
      every entry of the cells whose unscored images could still hold more than tol / 4L of the scored
      mass at some location is scored too (`complete`, up to COMPLETE_FACTOR k entries per query), after
      which the cells left hold at most tol / 4 of it;
+     3c. the tail (tail="sample", for loose tolerances): the merged mean's error is bounded by an
+     empirical-Bernstein confidence bound (`tail_bound`: Maurer & Pontil 2009, the draws' range from the
+     cell bounds), which fails with probability <= delta per location and query: not certified. Without a
+     tolerance the merged mean is used everywhere (bound: the smaller of that and its certified bound, 2 eps
+     plus what the tail moved the mean); with one, only where the candidates' certified bound exceeds tol
+     and the confidence bound meets it; where neither does, the location is routed (tail_unmet). A tail of
+     every included image (m >= N) is exact: bound 0, certified;
   5. routing: with a tolerance, locations whose bound exceeds it are recomputed by the exact kernel over
      the whole training set, all of a patch size's routed (location, query) pairs in one batched call
      (`exact_pairs`); the composite's error at a pixel is the mean of its covering crops' errors, so every
@@ -43,12 +49,16 @@ taking part, as the exact path gives each identical member.
 Exclusion (`TrainingSet.without`): with N the included virtual images, excluded members never count, an
 entry without included members is never a candidate, and the tail draws among the included images only.
 
-Report (`last_report[s]` of the last call, and one summary per call in `history`): per query and location
-[B, gh, gw]: eps_bar (the certified unscored mass fraction), bound (the retrieval result's certified
-error per coordinate, before routing), routed (recomputed exactly, skipped queries included); per pixel
-[B, H, W]: pixel_bound (the composite's certified error after routing); fractions of locations that took
-each path (retrieval, exact, skipped) and bound_max; with the tail, rel_se (the estimated relative
-standard error of the normaliser estimate; 0 when m >= N) and log_z (log of the normaliser used).
+Report (`last_report[s]` of the last call, and the SUMMARY keys per call in `history`): per query and
+location [B, gh, gw]: eps_bar (the certified unscored mass fraction), bound (the retrieval result's error
+bound per coordinate, before routing), routed (recomputed exactly, skipped queries included), via_tail
+(the bound is the tail's confidence bound), tail_bound (that bound wherever the tail was drawn; None
+without a tail), rel_se (the tail normaliser's estimated relative standard error; 0 when m >= N; None
+without a tail) and log_z (log of the normaliser used); per pixel [B, H, W]: pixel_bound (the composite's
+error bound after routing: the mean of its covering crops' bounds); per call: fractions of locations that
+took each path (retrieval: certified, tail, exact, skipped), bound_max, certified (no bound rests on the
+tail), confidence (1, or 1 - delta per location where one does), tail_unmet (the fraction of locations
+routed because the tail's bound exceeded tol) and note (a line saying so, else None).
 """
 from __future__ import annotations
 
@@ -71,6 +81,8 @@ from .store import TrainingSet
 DEFAULT_TOL = 1e-3  # certified composite error per pixel the CLI's routing aims at (issue 11)
 EXACT_KEY_BYTES = 2 ** 28  # bytes of gathered stored patches per exact_pairs kernel call
 MEMBERS_PER_CALL = 16384  # members per attribution callback when an entry's weight is spread
+TAIL_DELTA = 1e-3  # the tail's confidence bound fails with at most this probability per location and query
+SUMMARY = ("fractions", "bound_max", "certified", "confidence", "tail_unmet", "note")  # per call, in `history`
 COMPLETE_FACTOR = 4  # a query completes cells (step 3b) only up to this many times k entries per block
 
 
@@ -213,6 +225,52 @@ def unscored_mass(low: torch.Tensor, unscored: torch.Tensor, log_zs: torch.Tenso
     return torch.where(log_u == -math.inf, torch.zeros_like(log_u), torch.sigmoid(log_u - log_zs))
 
 
+def empirical_bernstein(var: torch.Tensor, width, m: int, log_term: float) -> torch.Tensor:
+    """Half-width of a two-sided confidence interval for E[X] from m >= 2 iid draws of X in an interval of
+    `width`, with sample variance var (or any upper bound on it): sqrt(2 var L / m) + 7 width L / (3 (m - 1)),
+    L = log_term = ln(4 / delta) for level 1 - delta (Maurer & Pontil 2009, Theorem 4, each side at delta / 2)."""
+    return (2 * var * log_term / m).sqrt() + 7 * width * log_term / (3 * (m - 1))
+
+
+def tail_bound(mu_s: torch.Tensor, lse_s: torch.Tensor, tail, merged: torch.Tensor, m: int, n: int, low: torch.Tensor,
+               unscored: torch.Tensor, log_zs: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+               delta: float) -> torch.Tensor:
+    """Confidence bound [P, B] float64 on the error per coordinate of the tail-merged patch mean merged
+    [P, B, d]: with probability >= 1 - delta over the m uniform draws (per location and query), no
+    coordinate is off the exact mean by more.
+
+    mu_s [P, B, d], lse_s [P, B]: the candidates' mean and kernel log normaliser; tail (mean, lse, lse2)
+    from `tail_posterior` over m iid uniform draws among n images; low [B, P, L], unscored [B, L], log_zs
+    [P, B], eps [P, B] as in `unscored_mass`; t [B] (EDM sigma). Per draw j, Y_j = n w_j / Z_S (0 for a
+    candidate) has mean z = Z_U / Z_S and lies in [0, R], R = n max_unscored w / Z_S from the cells' lower
+    bounds; X_j = Y_j x_jp has mean a_p = A_U,p / Z_S, range 2R and sample variance <= sum Y^2 / (m - 1).
+    Empirical-Bernstein intervals (`empirical_bernstein`, delta / (d + 1) each: z and every coordinate's
+    a_p) meet the certified z <= eps / (1 - eps) and |a_p| <= z; the exact mean (mu_s + a_p) / (1 + z),
+    monotone in both, is bracketed at the box's corners. Not certified: valid at the stated rate."""
+    mean_t, lse_t, lse2 = tail
+    log_term = math.log(4 * (mu_s.shape[-1] + 1) / delta)
+    # 1. the draws' moments relative to Z_S: mean of Y (z_hat), sum of Y^2
+    z_hat = torch.exp(lse_t - lse_s)
+    sum_sq = m * m * torch.exp(lse2 - 2 * lse_s)
+    # 2. R from the largest term any unscored image can have, then the two half-widths
+    top = torch.where(unscored[:, None, :] > 0, -low / (2 * t[:, None, None] ** 2), -math.inf).amax(2).T
+    r = torch.exp(math.log(n) + top - log_zs)
+    h_z = empirical_bernstein(((sum_sq - m * z_hat ** 2) / (m - 1)).clamp_min(0), r, m, log_term)
+    h_a = empirical_bernstein(sum_sq / (m - 1), 2 * r, m, log_term)[..., None]
+    # 3. the intervals, cut by the certified limits
+    z_hi = torch.minimum(z_hat + h_z, eps / (1 - eps) * (1 + 1e-12))
+    z_lo = torch.minimum((z_hat - h_z).clamp_min(0), z_hi)
+    a_hat = torch.where(z_hat[..., None] > 0, z_hat[..., None] * mean_t, 0)
+    a_hi = torch.minimum(a_hat + h_a, z_hi[..., None])
+    a_lo = torch.minimum(torch.maximum(a_hat - h_a, -z_hi[..., None]), a_hi)
+    # 4. the exact mean's range over the box, against the merged mean
+    up, dn = mu_s + a_hi, mu_s + a_lo
+    f_max = up / (1 + torch.where(up >= 0, z_lo[..., None], z_hi[..., None]))
+    f_min = dn / (1 + torch.where(dn >= 0, z_hi[..., None], z_lo[..., None]))
+    bound = torch.maximum(f_max.clamp(max=1) - merged, merged - f_min.clamp(min=-1)).amax(2).clamp_min(0)
+    return torch.nan_to_num(bound, nan=math.inf)
+
+
 def tail_rel_se(tail, lse: torch.Tensor, m: int) -> torch.Tensor:
     """Estimated relative standard error [P, B] of the merged normaliser (log lse [P, B]) from the tail's
     (mean, lse, lse2) of m uniform draws: per-draw estimates X_j = m y_j of the tail sum T = sum_j y_j,
@@ -270,13 +328,17 @@ def rows_hook(on_weights, idx: torch.Tensor):
 class RetrievalPSPC(PSPCSquare):
     """PSPC-Square from an index bundle, certified per location (module docstring). tol: None reports the
     bounds and routes nothing; a value routes every location whose certified error exceeds it to the exact
-    kernel (and lets the predictor skip the search), so every composite pixel is within tol of exact."""
+    kernel (and lets the predictor skip the search), so every composite pixel is within tol of exact.
+    tail="sample" (loose tolerances only) adds m uniform draws; where the output rests on them its bound is
+    an empirical-Bernstein confidence bound that fails with probability <= delta per location and query
+    (`tail_bound`), and a location whose tail cannot meet tol is routed (report: tail_unmet)."""
 
     name = "pspc-square+index"
 
-    def __init__(self, data: TrainingSet, bundle: Bundle, k: int = 1024, tail: str = "sample", m: int = 4096,
+    def __init__(self, data: TrainingSet, bundle: Bundle, k: int = 1024, tail: str = "none", m: int = 4096,
                  seed: int = 0, patch_size: int | None = None, schedule: Schedule | None = None,
-                 tol: float | None = None, nprobe: int | None = None, dtype: torch.dtype | None = None):
+                 tol: float | None = None, nprobe: int | None = None, dtype: torch.dtype | None = None,
+                 delta: float = TAIL_DELTA):
         super().__init__(data, patch_size=patch_size, schedule=schedule, dtype=dtype)
         if tail not in ("sample", "none"):
             raise UserError(f"--tail must be 'sample' or 'none', got {tail!r}")
@@ -284,11 +346,13 @@ class RetrievalPSPC(PSPCSquare):
             raise UserError(f"k, m and nprobe must be >= 1, got k={k}, m={m}, nprobe={nprobe}")
         if tol is not None and not tol > 0:
             raise UserError(f"--tol must be > 0, got {tol}")
+        if not 0 < delta < 1:
+            raise UserError(f"the tail's confidence delta must be in (0, 1), got {delta}")
         if list(bundle.manifest["shape"][1:]) != list(data.shape) or bundle.xflip != data.xflip:
             raise UserError(f"{bundle.path}: built for {bundle.manifest['shape']} with xflip={bundle.xflip}, "
                             f"the training set is {[data.n_stored, *data.shape]} with xflip={data.xflip}")
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
-        self.nprobe = nprobe
+        self.nprobe, self.delta = nprobe, delta
         self.last_report: dict[int, dict] = {}
         self.history: list[dict] = []
         self._tail_ids: dict[tuple, torch.Tensor] = {}
@@ -319,7 +383,7 @@ class RetrievalPSPC(PSPCSquare):
             out[sk.to(z.device)] = super().patch_mean(z[sk.to(z.device)], t[sk], s, rows_hook(on_weights, sk))
         self.last_report[s] = self.step_report(rep, skip, s)
         self.history.append({"s": s, "t_min": float(t.min()), "t_max": float(t.max()), "queries": len(t),
-                             **{key: self.last_report[s][key] for key in ("fractions", "bound_max")}})
+                             **{key: self.last_report[s][key] for key in SUMMARY}})
         return out
 
     def diffuse(self, t: torch.Tensor, s: int) -> torch.Tensor:
@@ -344,22 +408,29 @@ class RetrievalPSPC(PSPCSquare):
         b, gh, gw = len(skip), h - s + 1, w - s + 1
         full = {"path": "retrieval" if rep is not None else "exact (skipped: predicted diffuse)", "s": s,
                 "k": self.k, "tail": self.tail, "m": self.m, "kind": self.bundle.kind, "stride": self.bundle.stride,
-                "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"), "tol": self.tol, "certified": True}
+                "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"), "tol": self.tol}
         keep = ~skip
         for key, fill in (("eps_bar", math.nan), ("bound", math.nan), ("routed", True), ("log_z", math.nan),
-                          ("rel_se", math.nan), ("pixel_bound", 0.0)):
+                          ("rel_se", math.nan), ("via_tail", False), ("tail_bound", math.nan),
+                          ("tail_unmet", False), ("pixel_bound", 0.0)):
             shape = (b, h, w) if key == "pixel_bound" else (b, gh, gw)
-            v = torch.full(shape, fill, dtype=torch.bool if key == "routed" else torch.float64)
+            v = torch.full(shape, fill, dtype=torch.bool if isinstance(fill, bool) else torch.float64)
             if rep is not None:
                 v[keep] = rep[key]
             full[key] = v
         if self.tail != "sample":
-            full["rel_se"] = None
-        routed, total = full["routed"], full["routed"].numel()
-        full["fractions"] = {"retrieval": float((~routed).sum()) / total,
+            full["rel_se"] = full["tail_bound"] = None
+        routed, tail, total = full["routed"], full["via_tail"], full["routed"].numel()
+        full["fractions"] = {"retrieval": float((~routed & ~tail).sum()) / total, "tail": float(tail.sum()) / total,
                              "exact": float(routed[keep].sum()) / total,
                              "skipped": float(skip.sum()) * gh * gw / total}
         full["bound_max"] = float(full["pixel_bound"].max())
+        # certified: no location's bound is the tail's confidence bound (which fails with prob. <= delta)
+        full["certified"] = not bool(tail.any())
+        full["confidence"] = 1.0 if full["certified"] else 1 - self.delta
+        full["tail_unmet"] = float(full["tail_unmet"].sum()) / total
+        full["note"] = (f"tail sample: its confidence bound exceeded tol {self.tol:g} at {full['tail_unmet']:.1%} "
+                        "of locations, routed to the exact kernel") if full["tail_unmet"] > 0 else None
         return full
 
     def block(self, s: int, by: int, bx: int) -> Block:
@@ -390,7 +461,7 @@ class RetrievalPSPC(PSPCSquare):
         out = torch.zeros(b, c, h, w, dtype=torch.float64, device=dev)
         gh, gw = h - s + 1, w - s + 1
         rep = {key: torch.zeros(b, gh, gw, dtype=torch.float64, device=dev)
-               for key in ("eps_bar", "bound", "routed", "log_z", "rel_se")}
+               for key in ("eps_bar", "bound", "routed", "log_z", "rel_se", "via_tail", "tail_bound", "tail_unmet")}
         # under a location split this process takes its rows of blocks (and loads only their indices)
         rank, world = self.locations
         mine = split_range(-(-gh // self.bundle.stride), rank, world)
@@ -413,26 +484,31 @@ class RetrievalPSPC(PSPCSquare):
                 if extra is not None:  # 3b. every entry of the cells that could hold too much mass, scored
                     cand = merge(*cand, *self.rescore(q, t, extra, win, s, blk, dt))
                     ids = torch.cat([ids, extra], 1)
-            eps = unscored_mass(low, self.unscored(ids, blk), self.log_zs(cand[1], q, t), t.to(z64.device))
-            tid = tl = None
-            mean, lse = cand
-            if self.tail == "sample" and int((ids >= 0).sum(1).min()) < blk.alive:
+            unscored, log_zs = self.unscored(ids, blk), self.log_zs(cand[1], q, t)
+            eps = unscored_mass(low, unscored, log_zs, t.to(z64.device))
+            # the candidates' mean is within 2 eps of the exact one (certified)
+            mean, lse, bound = cand[0], cand[1], torch.nan_to_num(2 * eps, nan=math.inf)
+            use = via_tail = torch.zeros_like(bound, dtype=torch.bool)
+            conf = rel_se = torch.full_like(bound, math.nan)
+            tid = None
+            if self.tail == "sample" and int((ids >= 0).sum(1).min()) < blk.alive:  # 3c. the tail
                 tid = self.tail_ids(s, by, bx, self.m)
                 tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt)
-                mean, lse = merge(*cand, tl[0], tl[1])
-            # the merged mean is within 2 eps of the exact one, plus what the tail moved it
-            bound = torch.nan_to_num(2 * eps + (mean - cand[0]).abs().amax(2), nan=math.inf)
+                mean, lse, bound, use, via_tail, conf = self.with_tail(cand, tl, bound, eps, low, unscored, log_zs,
+                                                                       t.to(z64.device), n)
+                rel_se = tail_rel_se(tl, torch.logaddexp(cand[1], tl[1]), len(tid)) if self.m < n else torch.zeros_like(bound)
             route = bound > self.tol if self.tol is not None else torch.zeros_like(bound, dtype=torch.bool)
             # 5. routing: certified locations fold in now, the rest after the block loop (exact_pairs)
             keep = ~route
             out[:, :, r0:r1, c0:c1] += fold_window(mean * keep[..., None], c, r1 - r0, c1 - c0, s) * inv_cov[r0:r1, c0:c1]
             if on_weights is not None:
-                self.attribute_block(q, t, ids, tid, win, s, n, lse, inv_cov[r0:r1, c0:c1], keep, blk, on_weights, dt)
+                self.attribute_block(q, t, ids, tid, win, s, n, lse, inv_cov[r0:r1, c0:c1], keep, keep & use, blk,
+                                     on_weights, dt)
             log_z = lse - (q * q).sum(2) / (2 * t.to(q) ** 2)
-            m_used = 0 if tid is None or self.m >= n else len(tid)
-            rel_se = tail_rel_se(tl, lse, m_used) if tl is not None and m_used > 1 else torch.zeros_like(lse)
+            unmet = route & (tid is not None and self.m < n)
             for key, v in (("eps_bar", eps), ("bound", bound), ("routed", route.double()), ("log_z", log_z),
-                           ("rel_se", rel_se)):
+                           ("rel_se", rel_se), ("via_tail", (via_tail & keep).double()), ("tail_bound", conf),
+                           ("tail_unmet", unmet.double())):
                 rep[key][:, r0:r0 + ph, c0:c0 + pw] = v.T.reshape(b, ph, pw)
         routed = rep["routed"] > 0
         if bool(routed.any()):
@@ -445,7 +521,8 @@ class RetrievalPSPC(PSPCSquare):
             for x in (out, *rep.values()):
                 all_reduce_sum(x)
         rep = {key: v.cpu() for key, v in rep.items()}
-        rep["routed"] = rep["routed"] > 0
+        for key in ("routed", "via_tail", "tail_unmet"):
+            rep[key] = rep[key] > 0
         # certified composite error per pixel: the mean of its covering crops' bounds (0 where exact)
         per_loc = rep["bound"].masked_fill(rep["routed"], 0).flatten(1)
         rep["pixel_bound"] = SquareCrops(h, w, s).uncrop(per_loc) * (1 / SquareCrops(h, w, s).coverage)
@@ -539,6 +616,28 @@ class RetrievalPSPC(PSPCSquare):
             extra[b, :len(r)] = r
         return extra if extra.shape[1] else None
 
+    def with_tail(self, cand, tail, bound, eps, low, unscored, log_zs, t, n):
+        """Step 3c (tail="sample"): the candidates' state cand (mean [P, B, d], lse [P, B]) with certified bound
+        [P, B], and the tail's (`tail_posterior`) -> (mean, lse, bound, use, via_tail, conf): the output's
+        state and bound per location, use [P, B] bool where it is the tail-merged state, via_tail where its
+        bound is the tail's confidence bound (not certified), conf [P, B] that bound (`tail_bound`, level 1 -
+        delta). A tail of every included image (m >= N) is exact: merged everywhere, bound 0, certified.
+        Otherwise, without a tol the merged state is used everywhere, bounded by the smaller of its certified
+        bound (2 eps plus what the tail moved the mean) and conf; with a tol only where the candidates'
+        bound exceeds tol and conf meets it (loose tolerances: elsewhere the location keeps its certified
+        candidates' mean, or is routed)."""
+        merged = merge(*cand, tail[0], tail[1])
+        if self.m >= n:
+            every = torch.ones_like(bound, dtype=torch.bool)
+            return (*merged, torch.zeros_like(bound), every, ~every, torch.zeros_like(bound))
+        conf = tail_bound(*cand, tail, merged[0], self.m, n, low, unscored, log_zs, eps, t, self.delta)
+        if self.tol is None:
+            cert = bound + (merged[0] - cand[0]).abs().amax(2)
+            return (*merged, torch.minimum(cert, conf), torch.ones_like(bound, dtype=torch.bool), conf < cert, conf)
+        use = (bound > self.tol) & (conf <= self.tol)
+        return (torch.where(use[..., None], merged[0], cand[0]), torch.where(use, merged[1], cand[1]),
+                torch.where(use, conf, bound), use, use, conf)
+
     def exact_pairs(self, z, t, s, loc, qb, inv_cov, on_weights=None):
         """Step 5: the exact patch means [n, C*s*s] float64 of (location loc[i], query qb[i]) pairs (loc
         row-major over the (H-s+1) x (W-s+1) grid) over the whole training set, all pairs in one batch:
@@ -607,15 +706,16 @@ class RetrievalPSPC(PSPCSquare):
                 patch_posterior(zq[g0:g0 + per], tq[g0:g0 + per], chunks, dt, lse=lse_g[g0:g0 + per], on_weights=hook)
         return pm
 
-    def attribute_block(self, q, t, ids, tid, win, s, n, lse, inv_cov, keep, blk, on_weights, dt):
-        """The kernel's second pass over both key sets with the merged lse [P, B]: on_weights(rows, ids
-        [r, n], a [r, n, wh, ww], win) with per-pixel weights a_i[p] of the window (inv_cov [wh, ww] is
-        1 / the global coverage there), only for the certified locations keep [P, B] (the routed ones come
-        from `exact_pairs`); an entry's weight is spread over its members (`spread`); the weights of
-        excluded or missing candidates are 0."""
+    def attribute_block(self, q, t, ids, tid, win, s, n, lse, inv_cov, keep, keep_tail, blk, on_weights, dt):
+        """The kernel's second pass over both key sets with the output's lse [P, B] (merged where the tail is
+        used): on_weights(rows, ids [r, n], a [r, n, wh, ww], win) with per-pixel weights a_i[p] of the
+        window (inv_cov [wh, ww] is 1 / the global coverage there), only for the locations kept, keep [P, B]
+        (the routed ones come from `exact_pairs`), the tail draws' only where keep_tail [P, B] (the tail is
+        used there); an entry's weight is spread over its members (`spread`); the weights of excluded or
+        missing candidates are 0."""
         local = SquareCrops(win[1] - win[0], win[3] - win[2], s)
         per_pixel = lambda w: local.uncrop(w.permute(1, 2, 0)) * inv_cov  # noqa: E731  [P, r, n] -> [r, n, wh, ww]
-        kf = keep.to(torch.float64)
+        kf, kt = keep.to(torch.float64), keep_tail.to(torch.float64)
         reps, log_w = self.expand(ids, blk)
         qm, _ = masked_queries(q, win, s)
         for r in self.query_chunks(qm, ids.shape[1]):
@@ -626,7 +726,7 @@ class RetrievalPSPC(PSPCSquare):
         if tid is not None:
             def hook(start, w):
                 on_weights(slice(0, len(ids)), tid[start:start + w.shape[2]].expand(len(ids), -1),
-                           per_pixel(w * kf[..., None]), win)
+                           per_pixel(w * kt[..., None]), win)
             tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt, lse, hook)
 
     def spread(self, rows: slice, ids: torch.Tensor, a: torch.Tensor, win, blk: Block, on_weights) -> None:

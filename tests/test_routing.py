@@ -221,3 +221,101 @@ def test_format_1_bundle_refused(duplicated, tmp_path):
     (tmp_path / "old" / "manifest.json").write_text(json.dumps({**man, "format_version": 1}))
     with pytest.raises(UserError, match="rebuild it"):
         open_bundle(tmp_path / "old", store)
+
+
+def naive_tail_case(seed, m, n=300, k=20, d=4, b=6, t=0.35):
+    """One seeded draw of the tail estimator against its float64 oracle, for b queries at one location:
+    patches x [n, d] in [-1, 1], each query's k heaviest images scored exactly, m uniform draws with
+    replacement. Returns tail_bound's arguments and the exact means [1, b, d]."""
+    g = torch.Generator().manual_seed(1000 + b)  # the data and queries: fixed; the draws: seeded
+    x = torch.rand(n, d, generator=g, dtype=torch.float64) * 2 - 1
+    zq = torch.rand(b, d, generator=g, dtype=torch.float64) * 2 - 1
+    dist = ((zq[:, None] - x[None]) ** 2).sum(2)  # [b, n]
+    logw = -dist / (2 * t ** 2)
+    exact = (torch.softmax(logw, 1) @ x)[None]
+    scored = torch.zeros(b, n, dtype=torch.bool).scatter_(1, logw.topk(k, 1).indices, True)
+    lse_s = torch.logsumexp(logw.masked_fill(~scored, -np.inf), 1)
+    mu_s = (torch.softmax(logw.masked_fill(~scored, -np.inf), 1) @ x)[None]
+    draws = torch.randint(0, n, (m,), generator=torch.Generator().manual_seed(seed))
+    lw = (logw[:, draws] + np.log(n / m)).masked_fill(scored[:, draws], -np.inf)  # [b, m]
+    lse_t = torch.logsumexp(lw, 1)
+    mean_t = torch.softmax(lw, 1) @ x[draws]
+    lse2 = torch.logsumexp(2 * lw, 1)
+    merged = (torch.exp(lse_s)[:, None] * mu_s[0] + torch.exp(lse_t)[:, None] * mean_t) / torch.exp(
+        torch.logaddexp(lse_s, lse_t))[:, None]
+    low = dist.masked_fill(scored, np.inf).amin(1)[:, None, None]  # [b, 1, 1]: the unscored images' nearest
+    unscored = torch.full((b, 1), float(n - k), dtype=torch.float64)
+    log_u = np.log(n - k) - low[:, 0, 0] / (2 * t ** 2)
+    eps = torch.sigmoid(log_u - lse_s)[None]
+    args = (mu_s, lse_s[None], (mean_t[None], lse_t[None], lse2[None]), merged[None], m, n, low, unscored,
+            lse_s[None], eps, torch.full((b,), t, dtype=torch.float64))
+    return args, exact
+
+
+def test_tail_confidence_bound_covers_at_its_rate():
+    # Maurer-Pontil's empirical-Bernstein bound, over 300 seeded tails: the exact mean is within the bound
+    # at (far) more than 1 - delta of (seed, query) cells, at a delta large enough for misses to show
+    from pspc_index.retrieval import tail_bound
+    for m, delta in ((64, 0.3), (1024, 0.1)):
+        miss, total, widths = 0, 0, []
+        for seed in range(300):
+            args, exact = naive_tail_case(seed, m)
+            bound = tail_bound(*args, delta)
+            err = (args[3] - exact).abs().amax(2)
+            miss += int((err > bound).sum())
+            total += err.numel()
+            widths.append(bound)
+        assert miss <= delta * total, (m, miss, total)
+        widths = torch.stack(widths)
+        assert torch.isfinite(widths).all() and (widths >= 0).all()
+        if m == 1024:  # not vacuous: below the certified bound of the merged mean (2 eps plus its move)
+            cert = 2 * args[9] + (args[3] - args[0]).abs().amax(2)
+            assert (widths.median(0).values < cert).all()
+    # more draws, a tighter bound (same delta)
+    small = torch.stack([tail_bound(*naive_tail_case(s, 64)[0], 0.1) for s in range(20)]).median()
+    large = torch.stack([tail_bound(*naive_tail_case(s, 1024)[0], 0.1) for s in range(20)]).median()
+    assert large < small / 2
+
+
+def test_tail_bound_in_retrieval_and_its_routing(tmp_path):
+    # a flat index at stride 1 (window = crop): the k-th distance bounds every unscored term, the range
+    # the confidence bound needs; at mid t the tail's bound is then tighter than the certified one
+    store = write_store(tmp_path / "s.zarr", smooth_images())
+    build_bundle(store.path, tmp_path / "b", [3], stride=1, kind="flat", progress=False)
+    data = store.training_set()
+    bundle = without_predictor(open_bundle(tmp_path / "b", store))
+    t, delta = 0.5, 0.2
+    z = queries(data, t)
+    oracle = naive_composite(data, z, t, 3)
+    # no tol: the merged mean everywhere; its bound is certified or the tail's confidence bound. The corner
+    # pixels are covered by one crop each (miss rate <= delta), every pixel by at most 9 (<= 9 delta)
+    corner = every = total_c = total_e = 0
+    for seed in range(40):
+        den = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, seed=seed, patch_size=3, delta=delta,
+                            dtype=torch.float64)
+        err = (den(z, t).double() - oracle).abs()[:, 0]
+        rep = den.last_report[3]
+        assert rep["fractions"]["tail"] > 0 and not rep["certified"] and rep["confidence"] == 1 - delta
+        assert (rep["tail_bound"] < 2 * rep["eps_bar"]).float().mean() > 0.5  # tighter than certified
+        over = err > rep["pixel_bound"] + 1e-6
+        corner += int(over[:, [0, 0, -1, -1], [0, -1, 0, -1]].sum())
+        every += int(over.sum())
+        total_c, total_e = total_c + 4 * len(z), total_e + over.numel()
+    assert corner <= delta * total_c and every <= 9 * delta * total_e
+    # a tol the tail cannot meet: those locations go to exact, and the report says so
+    strict = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, patch_size=3, tol=1e-4, dtype=torch.float64)
+    err = (strict(z, t).double() - oracle).abs()
+    rep = strict.last_report[3]
+    assert rep["tail_unmet"] > 0 and "routed to the exact kernel" in rep["note"] and rep["fractions"]["exact"] > 0
+    assert err.max() <= 1e-4 and rep["certified"] and strict.history[-1]["tail_unmet"] == rep["tail_unmet"]
+    # a loose tol: locations whose certified bound exceeds it but the tail's meets it rest on the tail
+    loose = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, patch_size=3, tol=0.1, delta=delta,
+                          dtype=torch.float64)
+    err = (loose(z, t).double() - oracle).abs()
+    rep = loose.last_report[3]
+    assert rep["fractions"]["tail"] > 0 and not rep["certified"] and rep["bound_max"] <= 0.1
+    assert abs(sum(rep["fractions"].values()) - 1) < 1e-12 and err.max() <= 0.1
+    # a tail of every image is exact, hence certified with bound 0
+    full = RetrievalPSPC(data, bundle, k=4, tail="sample", m=len(data), patch_size=3, dtype=torch.float64)
+    assert (full(z, t).double() - oracle).abs().max() < 1e-6 and full.last_report[3]["certified"]
+    assert full.last_report[3]["bound_max"] == 0
