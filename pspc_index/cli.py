@@ -46,6 +46,31 @@ def check_device(device) -> None:
                         "use --device cpu")
 
 
+def resolve_tol(tol: float | None, default: float | None) -> float | None:
+    """--tol as RetrievalPSPC takes it: None (not given) -> the command's default; inf -> None (no routing)."""
+    tol = default if tol is None else tol
+    return None if tol is not None and tol == float("inf") else tol
+
+
+def write_routing(den, path, echo: bool = True) -> None:
+    """A retrieval denoiser's routing per step (`retrieval.routing_summary`) as lines on stderr (with echo),
+    and as JSON at `path` (if given) with every call's summary; nothing for other denoisers."""
+    from .retrieval import routing_summary
+
+    if not hasattr(den, "history"):
+        return
+    steps = routing_summary(den.history)
+    for st in steps if echo else ():
+        f = st["fractions"]
+        bound = "certified" if st["certified"] else f"at confidence {st['confidence']:g} per location"
+        click.echo(f"pspc-index: routing t={st['t_max']:.4g} s={st['s']}: retrieval {f['retrieval']:.1%}, tail "
+                   f"{f['tail']:.1%}, exact {f['exact']:.1%}, skipped search {f['skipped']:.1%}; max pixel bound "
+                   f"{st['bound_max']:.2g} ({bound})" + (f"; {st['note']}" if st["note"] else ""), err=True)
+    if path is not None:
+        Path(path).write_text(json.dumps({"tol": den.tol, "tail": den.tail, "k": den.k, "m": den.m, "delta": den.delta,
+                                          "steps": steps, "calls": den.history}, indent=1) + "\n")
+
+
 def check_denoiser_options(denoiser, patch_size=None, els: dict | None = None, retrieval: dict | None = None):
     """Refuse options the chosen denoiser would silently ignore."""
     uses_patch = denoiser in ("pspc-square", "els")
@@ -92,24 +117,34 @@ device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), defaul
 
 
 def retrieval_opts(f):
-    """--index BUNDLE --k --tail --m --nprobe --tol, passed to the command as one `retrieval` dict."""
+    """--index BUNDLE --k --tail --m --nprobe --tol --report, passed to the command as one `retrieval` dict
+    (tol None: the command's default; inf: no routing, given as None)."""
     @functools.wraps(f)
-    def wrapper(*args, index_path, k, tail, m, nprobe, tol, **kwargs):
+    def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, **kwargs):
+        if report is not None and index_path is None:
+            fail("--report writes the routing report of --index; give --index BUNDLE")
         return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "nprobe": nprobe,
-                                   "tol": tol}, **kwargs)
+                                   "tol": tol, "report": report}, **kwargs)
     for opt in reversed([
         click.option("--index", "index_path", type=click.Path(), default=None,
                      help="Index bundle (from `build`): retrieval PSPC-Square instead of the exact engine."),
         click.option("--k", "k", type=int, default=1024, show_default=True, help="Candidates per query and block."),
-        click.option("--tail", type=click.Choice(["sample", "none"]), default=None,
-                     help="Uniform tail sample beyond the top k (unbiased normaliser), or none "
-                          "[default: sample; none for attribute]."),
+        click.option("--tail", type=click.Choice(["sample", "none"]), default="none", show_default=True,
+                     help="Uniform tail sample beyond the top k, for loose tolerances only: where a location "
+                          "rests on it, its bound is an empirical-Bernstein confidence bound (fails with "
+                          "probability <= 1e-3 per location), and locations it cannot bring under --tol are "
+                          "routed to exact (the report says how many)."),
         click.option("--m", "--tail-size", "m", type=int, default=4096, show_default=True,
                      help="Tail sample size (under torchrun write --tail-size: torchrun reads --m as its own)."),
         click.option("--nprobe", type=int, default=None, help="IVF cells searched (default: the bundle's, nlist/8)."),
         click.option("--tol", type=float, default=None,
-                     help="Grow k and m (x4, x16), then fall back to exact, until eps_bar (tail none) or the "
-                          "tail's relative SE is below this."),
+                     help="Certified composite error per pixel (pixels in [-1, 1]): crop locations whose "
+                          "retrieval bound exceeds it are recomputed by the exact kernel, and steps predicted "
+                          "too diffuse skip the search. inf: report the bounds, route nothing. "
+                          "[default: 1e-3 for denoise and sample; inf for attribute (sparse top-k shares)]"),
+        click.option("--report", type=click.Path(), default=None,
+                     help="With --index: write the routing report here (JSON: per step the fractions of crop "
+                          "locations by retrieval, tail, exact and skipped search, the largest pixel bound)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper
@@ -161,10 +196,12 @@ def denoiser_options(f):
 
 
 def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_path=None, heatmaps_path=None,
-                     device="cpu", retrieval: dict | None = None, default_tail: str = "sample", els: dict | None = None):
+                     device="cpu", retrieval: dict | None = None, default_tol: float | None = None,
+                     els: dict | None = None):
     """make(data) -> the named denoiser over `data` (any view of the opened ImageStore `store`'s training
     set, e.g. one without some images); the index bundle, heatmaps or network are loaded once, here.
-    els: ELS options {"max_images", "boundary"}; --patch-size is ELS's fixed window k."""
+    els: ELS options {"max_images", "boundary"}; --patch-size is ELS's fixed window k. retrieval["tol"]
+    None: default_tol (`resolve_tol`)."""
     from . import denoisers as dn
     from .schedule import get_schedule
 
@@ -178,9 +215,9 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
             raise UserError(f"--index works with --denoiser pspc-square, not {denoiser}")
         # with faiss-gpu the indices search on the GPU too; with faiss-cpu only the torch maths moves
         bundle = open_bundle(retrieval["index_path"], store, gpu=device == "cuda" and faiss_has_gpu())
-        return lambda data: RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval["tail"] or default_tail,
+        return lambda data: RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval.get("tail") or "none",
                                           m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
-                                          schedule=sched, tol=retrieval["tol"])
+                                          schedule=sched, tol=resolve_tol(retrieval.get("tol"), default_tol))
     if denoiser == "pspc-flex":
         from .sensitivity import read_heatmaps
         maps, ts, _ = read_heatmaps(heatmaps_path or DEFAULT_HEATMAPS)
@@ -197,7 +234,7 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
 
 
 def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, network_path=None,
-                   heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tail: str = "sample",
+                   heatmaps_path=None, device="cpu", retrieval: dict | None = None, default_tol: float | None = None,
                    exclusion=None, els: dict | None = None):
     """Make the named denoiser over `store` (an opened ImageStore or a store path; the API the CLI shells
     over), without the images of `exclusion` (a counterfactual.Exclusion) if given."""
@@ -213,7 +250,7 @@ def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, 
                         "(its training set is in its weights)")
     data = store.training_set(xflip=xflip, device=device)
     make = denoiser_factory(store, denoiser, patch_size, schedule, network_path, heatmaps_path, device, retrieval,
-                            default_tail, els)
+                            default_tol, els)
     return make(exclusion.apply(data) if excluding else data)
 
 
@@ -281,6 +318,7 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
             heatmaps_path, device, retrieval, exclusion, els):
     """Denoise z at noise level t and write D(z, t) as .npy."""
     from .counterfactual import exclusion as select, included_ids
+    from .retrieval import DEFAULT_TOL
     from .store import ImageStore
 
     if not str(out).endswith(".npy"):
@@ -292,10 +330,12 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
     check_device(device)
     check_denoiser_options(denoiser, patch_size, els)
     claim(out, FILE, overwrite)
+    if retrieval["report"] is not None:
+        claim(retrieval["report"], FILE, overwrite)
     store = ImageStore.open(store_path)
     excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval, exclusion=excluded, els=els)
+                         retrieval, DEFAULT_TOL, exclusion=excluded, els=els)
     if z_path is not None:
         z = load_z(z_path, den.shape)
     else:
@@ -306,6 +346,7 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
         z = data.get(idx) + t * torch.randn(n, *data.shape, generator=g)
     x = den(z, t).cpu().numpy().astype(np.float32)
     save_npy(out, x)
+    write_routing(den, retrieval["report"])
     click.echo(f"wrote {out}: {list(x.shape)} ({denoiser}, t={t:g})")
 
 
@@ -374,6 +415,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
     from .counterfactual import exclusion as select
     from .distributed import SAMPLES, init_distributed, launched_distributed, resolve_batch, run_meta, sample_to_zarr
+    from .retrieval import DEFAULT_TOL
     from .sampler import sample as run, save_samples
     from .store import ImageStore
 
@@ -398,11 +440,13 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         claim(str(out)[:-4] + ".trajectory.npz", FILE, overwrite)
     if not zarr_out:
         claim(out, FILE, overwrite)
+    if retrieval["report"] is not None:
+        claim(retrieval["report"], FILE, overwrite)
     rank, world = init_distributed(device) if zarr_out else (0, 1)
     store = ImageStore.open(store_path)  # opened once: loading hashes the pixels, which the run records
     excluded = select(store, **exclusion)
     den = build_denoiser(store, denoiser, xflip, patch_size, schedule, network_path, heatmaps_path, device,
-                         retrieval, exclusion=excluded, els=els)
+                         retrieval, DEFAULT_TOL, exclusion=excluded, els=els)
     if split == "locations":
         den.locations = (rank, world)
     batch = resolve_batch(batch, memory_gb, den, n, steps, record, device, out if zarr_out else None)
@@ -412,13 +456,14 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         x = res[0] if record else res
         save_samples(out, x, res[1] if record else None)
         write_grid(png, x)
+        write_routing(den, retrieval["report"])
         click.echo(f"wrote {out} ({n} samples, batch {used}) and {png}")
         return
     # settings recorded resolved (absolute paths, defaults written out) so the same run resumes however written
     from .schedule import get_schedule
-    resolved = dict(retrieval)
+    resolved = {k: v for k, v in retrieval.items() if k != "report"}
     if retrieval.get("index_path") is not None:
-        resolved["nprobe"] = retrieval.get("nprobe") or den.bundle.manifest.get("nprobe")
+        resolved.update(nprobe=retrieval.get("nprobe") or den.bundle.manifest.get("nprobe"), tol=den.tol)
     meta = run_meta(store.sha256, denoiser, xflip, patch_size, get_schedule(schedule, *store.shape[2:]).name,
                     resolved, network=network_path or DEFAULT_NETWORK if denoiser == "network" else None,
                     heatmaps=heatmaps_path or DEFAULT_HEATMAPS if denoiser == "pspc-flex" else None,
@@ -431,6 +476,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         return
     if x is not None:
         write_grid(png, torch.from_numpy(x[:256]))
+    write_routing(den, retrieval["report"])
     how = f", {world} processes split by {split}" if world > 1 else ""
     click.echo(f"wrote {out} ({n} samples, batch {used}{how}) and {png}")
 
@@ -511,12 +557,14 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         raise UserError(f"--verify and --verify-draws must be >= 1, got {verify} and {verify_draws}")
     if panel is not None:
         claim(panel, FILE, overwrite)
+    if retrieval["report"] is not None:
+        claim(retrieval["report"], FILE, overwrite)
     store = ImageStore.open(store_path)
     data = select(store, **exclusion).apply(store.training_set(xflip))
     taking_part = data.n_included // (2 if xflip else 1)
     if verify is not None and verify >= taking_part:  # checked before the attribution's passes, not after
         raise UserError(f"--verify {verify}: need M < {taking_part}, the stored images taking part")
-    make = denoiser_factory(store, "pspc-square", patch_size, schedule, retrieval=retrieval, default_tail="none")
+    make = denoiser_factory(store, "pspc-square", patch_size, schedule, retrieval=retrieval)
     den = make(data)
     labels, classes = store.labels, store.meta.get("classes")
     want_maps = panel is not None
@@ -549,6 +597,7 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         rep["verify"] = checks
     if panel is not None:
         at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps, shares.gather(1, tm.ids), columns)
+    write_routing(den, retrieval["report"], echo=not as_json)
     if as_json:
         click.echo(json.dumps(rep))
         return

@@ -280,6 +280,26 @@ def tail_rel_se(tail, lse: torch.Tensor, m: int) -> torch.Tensor:
     return var.clamp_min(0).sqrt()
 
 
+def routing_summary(history: list[dict]) -> list[dict]:
+    """`RetrievalPSPC.history` merged per step (s, t_min, t_max), in order of first call (a sampler's
+    batches are one step): queries summed; the fractions of locations per path and tail_unmet averaged
+    weighted by queries; bound_max the largest; certified only if every call was; confidence the lowest;
+    note the last given."""
+    steps: dict[tuple, dict] = {}
+    for h in history:
+        key = (h["s"], h["t_min"], h["t_max"])
+        if key not in steps:
+            steps[key] = {**h, "fractions": dict(h["fractions"])}
+            continue
+        st, n = steps[key], steps[key]["queries"] + h["queries"]
+        mix = lambda a, b: (a * st["queries"] + b * h["queries"]) / n  # noqa: E731
+        st["fractions"] = {k: mix(v, h["fractions"][k]) for k, v in st["fractions"].items()}
+        st.update(tail_unmet=mix(st["tail_unmet"], h["tail_unmet"]), bound_max=max(st["bound_max"], h["bound_max"]),
+                  certified=st["certified"] and h["certified"], confidence=min(st["confidence"], h["confidence"]),
+                  note=h["note"] or st["note"], queries=n)
+    return list(steps.values())
+
+
 class Block:
     """One block's entries as retrieval uses them, on `device`, with the training set's exclusions:
     reps [E] (representative virtual ids), counts [E], incl [E] (members taking part), members, offsets,

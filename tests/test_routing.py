@@ -319,3 +319,41 @@ def test_tail_bound_in_retrieval_and_its_routing(tmp_path):
     full = RetrievalPSPC(data, bundle, k=4, tail="sample", m=len(data), patch_size=3, dtype=torch.float64)
     assert (full(z, t).double() - oracle).abs().max() < 1e-6 and full.last_report[3]["certified"]
     assert full.last_report[3]["bound_max"] == 0
+
+
+def test_cli_default_tol_routes_and_reports(smooth, tmp_path):
+    from click.testing import CliRunner
+
+    from pspc_index.cli import cli
+    store, bundles = smooth
+    run = lambda *a: CliRunner().invoke(cli, [str(v) for v in a])  # noqa: E731
+    base = ("denoise", "--store", store.path, "--index", bundles["ivf-flat"].path, "--t", 0.3, "--patch-size", 3,
+            "--n", 3, "--k", 8)
+    # the default tol (1e-3 per pixel): within it of exact; the routing line and the JSON report
+    r = run(*base, "--out", tmp_path / "d.npy", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "pspc-index: routing t=0.3 s=3: retrieval" in r.output and "(certified)" in r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["tol"] == 1e-3 and rep["tail"] == "none" and len(rep["steps"]) == 1
+    st = rep["steps"][0]
+    assert abs(sum(st["fractions"].values()) - 1) < 1e-12 and st["bound_max"] <= 1e-3 and st["certified"]
+    data = store.training_set()
+    g = torch.Generator().manual_seed(0)  # the CLI's forward-process draw
+    z = data.get(torch.randint(0, len(data), (3,), generator=g)) + 0.3 * torch.randn(3, *data.shape, generator=g)
+    d = torch.from_numpy(np.load(tmp_path / "d.npy")).double()
+    assert (d - naive_composite(data, z, 0.3, 3)).abs().max() <= 1e-3 + 1e-6
+    # --tol inf: bounds reported, nothing routed
+    r = run(*base, "--out", tmp_path / "e.npy", "--tol", "inf", "--report", tmp_path / "e.json")
+    assert r.exit_code == 0, r.output
+    st = json.loads((tmp_path / "e.json").read_text())["steps"][0]
+    assert st["fractions"]["exact"] == 0 and st["fractions"]["skipped"] == 0
+    # --report without --index: one line, exit 2
+    r = run("denoise", "--store", store.path, "--t", 0.3, "--out", tmp_path / "f.npy", "--report", tmp_path / "f.json")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    # sample: one routing line per step below full size, the calls merged per step
+    r = run("sample", "--store", store.path, "--index", bundles["ivf-flat"].path, "--n", 2, "--steps", 3,
+            "--patch-size", 3, "--out", tmp_path / "x.npy", "--report", tmp_path / "x.json", "--batch", 1)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "x.json").read_text())
+    assert len(rep["steps"]) == 3 and len(rep["calls"]) == 6 and all(st["queries"] == 2 for st in rep["steps"])
+    assert r.output.count("pspc-index: routing") == 3
