@@ -57,6 +57,11 @@ TILE_ELEMENTS = 2 ** 20
 # the fused path: keys per chunk of the stream, and bytes of homogeneous keys per attention call
 KEYS_FUSED = 8192
 FUSED_KEY_BYTES = 2 ** 26
+# queries per location below which the GEMM tiles beat the fused kernel: its keys are re-laid row-major per
+# call (a transposing copy of the feature-major cache) whatever the queries, which small batches do not
+# amortise (1 thread, N = 20,000 with flips, s = 3..13: tiles 2.4-3.7x faster at 2 rows, 1.0-1.2x at 32,
+# fused 0.9-1.25x faster at 128 except s = 13; square_composite on Fashion-MNIST, 2026-11-29)
+FUSED_MIN_ROWS = 64
 # elements of the retrieval path's largest per-block intermediate (its query chunks; estimate_memory)
 CHUNK_ELEMENTS = 2 ** 24
 # largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
@@ -143,7 +148,7 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     c = z64.sum(2) * inv_t2
     q = torch.cat([z64 * (inv_t2 / 127.5)[..., None], torch.zeros(g, b, 1, dtype=torch.float64, device=dev),
                    inv_t2[..., None], torch.ones(g, b, 1, dtype=torch.float64, device=dev)], 2).to(ldt)
-    if lse is None and not stats and fused_available(dev):
+    if lse is None and not stats and fused_available(dev, b):
         mean, lse_f = _flash_posterior(q, chunks, d)
         return mean, lse_f - c
     m = torch.full((g, b), -math.inf, dtype=ldt, device=dev)
@@ -171,15 +176,18 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     return out
 
 
-def keys_per_chunk(device) -> int:
-    """Keys per chunk of a first pass: long chunks for the fused kernel, tile-sized for the GEMM tiles."""
-    return KEYS_FUSED if fused_available(device) else KEYS_PER_TILE
+def keys_per_chunk(device, rows: int = FUSED_MIN_ROWS) -> int:
+    """Keys per chunk of a first pass with `rows` queries per location: long chunks for the fused kernel,
+    tile-sized for the GEMM tiles."""
+    return KEYS_FUSED if fused_available(device, rows) else KEYS_PER_TILE
 
 
-def fused_available(device) -> bool:
+def fused_available(device, rows: int = FUSED_MIN_ROWS) -> bool:
     """Whether the fused CPU attention kernel (torch's flash attention for CPU, which also returns the log
-    normaliser) can serve a call: CPU tensors and the op present in this torch."""
-    return torch.device(device).type == "cpu" and _FLASH_CPU is not None and _USE_FUSED
+    normaliser) serves a first pass with `rows` queries per location: CPU tensors, the op present in this
+    torch, and rows >= FUSED_MIN_ROWS (fewer: the GEMM tiles are faster)."""
+    return (torch.device(device).type == "cpu" and _FLASH_CPU is not None and _USE_FUSED
+            and rows >= FUSED_MIN_ROWS)
 
 
 def _flash_cpu_op():
@@ -439,7 +447,7 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     t2 = torch.cat([t, t]) if data.xflip else t
     dtype = dtype or logit_dtype(q, t2, q.shape[-1], _finite_max_abs(log_w))
     lw = None if log_w is None else log_w.to(z.device)
-    chunks = stored_key_chunks(u8, sq, chunk or keys_per_chunk(z.device), lw, skip_excluded=True)
+    chunks = stored_key_chunks(u8, sq, chunk or keys_per_chunk(z.device, len(zz)), lw, skip_excluded=True)
     mean, lse = patch_posterior(q, t2, chunks, dtype)
     mirror = torch.arange(len(q), device=z.device).view(r1 - r0, gw).flip(1).flatten()
     if data.xflip:
@@ -545,7 +553,7 @@ def posterior_mean(z: torch.Tensor, t, data: TrainingSet, mask: torch.Tensor | N
     pix = mask.flatten().nonzero().flatten()[None].to(z.device)
     if pix.shape[1] == 0:
         raise ValueError("empty mask")
-    q, chunks = _gathered(z, data, pix, keys_per_chunk(z.device))
+    q, chunks = _gathered(z, data, pix, keys_per_chunk(z.device, b))
     mean, lse = patch_posterior(q, t, chunks, dtype)
     out = torch.zeros(b, c, h * w, dtype=torch.float32, device=z.device)
     out[:, :, pix[0]] = mean[0].view(b, c, -1).to(torch.float32)
@@ -569,7 +577,7 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
     for size in sizes.unique().tolist():
         sel = (sizes == size).nonzero().flatten()
         pix = flat[sel].nonzero()[:, 1].view(len(sel), size)  # [G, m] pixel indices, row-major
-        q, chunks = _gathered(z, data, pix, chunk or keys_per_chunk(z.device))
+        q, chunks = _gathered(z, data, pix, chunk or keys_per_chunk(z.device, b))
         dt = dtype or logit_dtype(q, t, q.shape[-1])
         mean, lse = patch_posterior(q, t, chunks, dt)
         # each crop's mean back onto its pixels

@@ -242,6 +242,27 @@ def test_square_matches_naive_every_size(kind, mode):
     assert not fails, (kind, mode, fails)
 
 
+@pytest.mark.parametrize("path", ["fused", "tiles"])
+def test_both_first_pass_formulations_match_naive(path, monkeypatch):
+    """The fused attention kernel and the GEMM tiles serve first passes by queries per location
+    (FUSED_MIN_ROWS); forced either way, PSPC-Square agrees with the naive loop."""
+    from pspc_index import posterior
+    if path == "fused" and not posterior.fused_available("cpu", 10 ** 9):
+        pytest.skip("this torch has no fused CPU attention op")
+    monkeypatch.setattr(posterior, "FUSED_MIN_ROWS", 1 if path == "fused" else 10 ** 9)
+    data = data_for("rgb")
+    X = all_images(data)
+    fails = []
+    for s in (1, 3, 6):
+        for t in TS:
+            z, _ = queries(data, t, "random", seed=s)
+            got = PSPCSquare(data, patch_size=s)(z, t)
+            want = naive_square(z.double().numpy(), t, X, s)
+            if not maxdiff(got, want) <= TOL:
+                fails.append((s, t, maxdiff(got, want)))
+    assert not fails, fails
+
+
 def test_composite_pixel_weights_sum_to_one_small_t():
     data = data_for("gray")
     t = 0.002
