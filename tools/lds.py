@@ -107,10 +107,10 @@ def nda_patch_scores(data: TrainingSet, x: torch.Tensor, s: int, sigma: float, r
     """Translation-pooled patch attribution (NDA-style): at every s x s location p, the posterior of x's
     patch over the training patches at p + (dy, dx), |dy|, |dx| <= r, and their flips, at temperature
     sigma; tau_i = the mean over locations of image i's (and its flip's) posterior mass. -> [n, N]."""
-    n, (c, h, w) = len(x), data.shape
+    n, (_, h, w) = len(x), data.shape
     gh, gw = h - s + 1, w - s + 1
     u8, sq = square_patches(data, s, s)  # [P, N, d] stored patches, sq = 255^2 ||x||^2
-    nst, d = u8.shape[1], u8.shape[2]
+    nst = u8.shape[1]
     # queries: x and flip(x); flip(x) at mirror(p) against original keys is x at p against flipped keys
     q = unfold_u8(torch.cat([x, x.flip(-1)]).double(), s, s)  # [P, 2n, d]
     t = torch.full((2 * n,), sigma, dtype=torch.float64)
