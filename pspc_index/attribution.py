@@ -81,7 +81,9 @@ def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None =
                     hit = (pid[:, :, None] == keep[r][:, None, :]).to(torch.float64)  # [r, n, m]
                     maps[r, :, r0:r1, c0:c1] += torch.einsum("rnm,rnhw->rmhw", hit, a)
 
-            denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_weights)
+            qlw = denoiser.query_log_w
+            per_query = {} if qlw is None else {"log_w": qlw[sel]}
+            denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_weights, **per_query)
         return shares, maps
 
     if ids is not None:
@@ -243,13 +245,26 @@ def verify_attribution(make, data, shares: torch.Tensor, m: int, z: torch.Tensor
     if data.excluded is not None:
         per = per.masked_fill(data.excluded, -np.inf)
     top = torch.sort(per, dim=1, descending=True, stable=True).indices[:, :m]
-    # 2. each query without its own top m, from the same noise
-    cf = torch.cat([run(data.without(top[q]), z[q:q + 1], None if tq is None else tq[q:q + 1]) for q in range(b)])
-    # 3. the same queries without m random images, `draws` times (one set for every query per draw)
+    # 2. the counterfactuals from the same noise: each query without its own top m, and all queries
+    # without m random images, `draws` times (one set for every query per draw); in one batch of
+    # per-query exclusions where the denoiser takes them (one pass over the keys for all)
     rng = np.random.default_rng(seed)
     rand = [np.sort(rng.choice(pool, m, replace=False)) for _ in range(draws)]
-    rand_x = [run(data.without(r), z, tq) for r in rand]
-    # 4. the changes, L2 over all pixels per sample, absolute and relative to ||x||
+    ex = torch.zeros(1 + draws, b, data.n_stored, dtype=torch.bool)
+    ex[0].scatter_(1, top, True)
+    for i, r in enumerate(rand):
+        ex[1 + i, :, torch.as_tensor(r)] = True
+    den = make(data)
+    if type(den) is PSPCSquare:
+        zz, tt = z.repeat(1 + draws, 1, 1, 1), None if tq is None else tq.repeat(1 + draws)
+        den.exclude_per_query(ex.flatten(0, 1))
+        outs = (den(zz, tt) if t is not None else pf_ode_sample(den, zz.to(den.device), steps, solver)).cpu()
+        cf, rand_x = outs[:b], list(outs[b:].unflatten(0, (draws, b)))
+    else:
+        cf = torch.cat([run(data.without(top[q]), z[q:q + 1], None if tq is None else tq[q:q + 1])
+                        for q in range(b)])
+        rand_x = [run(data.without(r), z, tq) for r in rand]
+    # 3. the changes, L2 over all pixels per sample, absolute and relative to ||x||
     size = lambda v: v.to(torch.float64).flatten(1).norm(dim=1)  # noqa: E731
     norm, top_change = size(x), size(cf - x)
     rand_change = torch.stack([size(v - x) for v in rand_x], 1)  # [B, draws]

@@ -5,6 +5,8 @@ ELS (Kamb & Ganguli's equivariant local score machine, els.py); Network wraps an
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .els import els_mean
@@ -128,19 +130,34 @@ def dense_weights_hook(on_weights, b: int, h: int, w: int):
 class PSPCSquare(Denoiser):
     """PSPC-Square: all valid s x s crops, s = `patch_size` or the schedule's s(t) at the nearest grid t.
     s = H is exactly the optimal denoiser (one crop, the whole image). `dtype`: the exact kernel's
-    precision (None: certified logits, see posterior.py; torch.float64 for oracle checks)."""
+    precision (None: certified logits, see posterior.py; torch.float64 for oracle checks).
+    `query_exclusions` bool [B, N] (stored images): every call takes batches of B queries, and query b
+    sees the set without the images query_exclusions[b] (flips with them), as over data.without(those)
+    but all in one pass over the keys (counterfactuals of several exclusions: `attribution.verify_attribution`)."""
 
     name = "pspc-square"
+    query_log_w = None
 
     def __init__(self, data: TrainingSet, patch_size: int | None = None, schedule: Schedule | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, query_exclusions: torch.Tensor | None = None):
         super().__init__(data)
         self.fixed, self.dtype = patch_size, dtype
+        if query_exclusions is not None:
+            self.exclude_per_query(query_exclusions)
         # (rank, world): this process's share of the crop locations (torchrun location split)
         self.locations = (0, 1)
         self.schedule = schedule or default_schedule(*data.shape[1:])
         if patch_size is not None:
             SquareCrops(*data.shape[1:], patch_size)  # validates the size now, not at the first call
+
+    def exclude_per_query(self, excluded: torch.Tensor) -> "PSPCSquare":
+        """From now on, query b of every call (batches of B) leaves out the stored images excluded[b]
+        (bool [B, N]); see the class docstring. Returns self. ValueError for another shape."""
+        ex = torch.as_tensor(excluded, dtype=torch.bool)
+        if ex.ndim != 2 or ex.shape[1] != self.data.n_stored:
+            raise ValueError(f"query exclusions must be [B, {self.data.n_stored}], got {list(ex.shape)}")
+        self.query_log_w = torch.zeros(ex.shape, dtype=torch.float64).masked_fill(ex, -math.inf)
+        return self
 
     def sizes(self, t: torch.Tensor) -> torch.Tensor:
         return torch.full_like(t, self.fixed, dtype=torch.long) if self.fixed else self.schedule.patch_size(t)
@@ -155,27 +172,32 @@ class PSPCSquare(Denoiser):
         out = torch.empty_like(z)
         h, w = self.data.shape[1:]
         sizes = self.sizes(t)
+        qlw = self.query_log_w
+        if qlw is not None and len(qlw) != len(z):
+            raise ValueError(f"this denoiser excludes per query for batches of {len(qlw)}, got {len(z)} queries")
         for s in sizes.unique().tolist():
             sel = (sizes == s).nonzero().flatten().to(z.device)
-            out[sel] = self.patch_mean(z[sel], t[sel.cpu()], int(s))
+            per_query = {} if qlw is None else {"log_w": qlw[sel.cpu()]}
+            out[sel] = self.patch_mean(z[sel], t[sel.cpu()], int(s), **per_query)
         return out
 
-    def patch_mean(self, z, t, s, on_weights=None):
+    def patch_mean(self, z, t, s, on_weights=None, log_w=None):
         """The composite of patch size s (s >= max(H, W): the one full-image crop, i.e. D*).
         on_weights(rows, ids [r, n], a [r, n, H, W], window) sees the per-pixel weights a_i[p] of the
-        images ids (attribution; the retrieval path calls it sparsely)."""
+        images ids (attribution; the retrieval path calls it sparsely). log_w [r, N]: per-query log weights
+        of the stored images (`query_exclusions`)."""
         h, w = self.data.shape[1:]
         sh, sw = (h, w) if s >= max(h, w) else (s, s)
         hook = None if on_weights is None else dense_weights_hook(on_weights, len(z), h, w)
         rank, world = self.locations
         if world == 1 or sh == h:
-            return square_composite(z, t, self.data, sh, sw, on_weights=hook, dtype=self.dtype)
+            return square_composite(z, t, self.data, sh, sw, on_weights=hook, log_w=log_w, dtype=self.dtype)
         # this process's rows of crop locations; the parts (each over the whole set's coverage) sum to the whole
         from .distributed import all_reduce_sum, split_range
 
         mine = split_range(h - sh + 1, rank, world)
         out = (square_composite(z, t, self.data, sh, sw, rows=(mine.start, mine.stop), on_weights=hook,
-                                dtype=self.dtype) if len(mine) else torch.zeros_like(z))
+                                log_w=log_w, dtype=self.dtype) if len(mine) else torch.zeros_like(z))
         return all_reduce_sum(out)
 
 

@@ -390,21 +390,24 @@ def exact_memory(data: TrainingSet, sizes, batch: int) -> int:
 def stored_key_chunks(u8: torch.Tensor, sq: torch.Tensor, n: int, log_w: torch.Tensor | None = None,
                       skip_excluded: bool = False):
     """chunks() over location-major patches u8 [G, N, d] (sq int32 [G, N] = 255^2 ||x||^2), n keys a
-    chunk; log_w [N] or None. With `skip_excluded` and a quarter or more of the keys at log weight -inf
-    (a class-conditional set, say), only the others are gathered and streamed: a first pass does not
-    depend on key order, but `start` then no longer numbers the chunk's keys (no weights pass may use it)."""
+    chunk; log_w [N], per query [b, N] (the rows of every group), or None. With `skip_excluded` and a
+    quarter or more of the keys at log weight -inf for every query (a class-conditional set, say), only
+    the others are gathered and streamed: a first pass does not depend on key order, but `start` then no
+    longer numbers the chunk's keys (no weights pass may use it)."""
     keep = None
-    if skip_excluded and log_w is not None and int(torch.isinf(log_w).sum()) * 4 >= len(log_w):
-        keep = torch.isfinite(log_w).nonzero().flatten()
+    if skip_excluded and log_w is not None:
+        out = torch.isinf(log_w) if log_w.ndim == 1 else torch.isinf(log_w).all(0)
+        if int(out.sum()) * 4 >= len(out):
+            keep = (~out).nonzero().flatten()
 
     def chunks():
         if keep is not None:
             for i in range(0, len(keep), n):
                 idx = keep[i:i + n]
-                yield i, KeyChunk(u8[:, idx], sq[:, idx].to(torch.float64) / 255.0 ** 2, log_w[None, idx])
+                yield i, KeyChunk(u8[:, idx], sq[:, idx].to(torch.float64) / 255.0 ** 2, log_w[..., idx][None])
             return
         for i in range(0, u8.shape[1], n):
-            lw = None if log_w is None else log_w[None, i:i + n]
+            lw = None if log_w is None else log_w[None, ..., i:i + n]
             yield i, KeyChunk(u8[:, i:i + n], sq[:, i:i + n].to(torch.float64) / 255.0 ** 2, lw)
     return chunks
 
@@ -430,7 +433,9 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     z [B, C, H, W] float in [-1, 1] units (noisy); t [B] float64 (EDM sigma) -> [B, C, H, W] float32.
     rows: only the crop locations whose top row is in r0:r1 (torchrun location split); the result is
     then that part of the composite's sum, divided by the whole crop set's `coverage` ([H, W], default
-    this crop set's). log_w [N] (stored images; flips share their original's): per-image log weights.
+    this crop set's). log_w [N] (stored images; flips share their original's): per-image log weights;
+    [B, N]: per query and image (counterfactuals of several exclusions in one batch, `PSPCSquare(...,
+    query_exclusions=...)`).
     on_weights(start, a [B, n, H, W]) sees the per-pixel weights a_i[p] = (1/#crops covering p)
     sum_{C covers p} w_i(C) of virtual images start..start+n (attribution); sum_i a_i[p] = 1.
     dtype: the kernel precision (see `patch_posterior`); chunk: keys per chunk (default `keys_per_chunk`).
@@ -447,6 +452,8 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     t2 = torch.cat([t, t]) if data.xflip else t
     dtype = dtype or logit_dtype(q, t2, q.shape[-1], _finite_max_abs(log_w))
     lw = None if log_w is None else log_w.to(z.device)
+    if lw is not None and lw.ndim == 2 and data.xflip:  # the flip(z) rows exclude what their z rows do
+        lw = torch.cat([lw, lw])
     chunks = stored_key_chunks(u8, sq, chunk or keys_per_chunk(z.device, len(zz)), lw, skip_excluded=True)
     mean, lse = patch_posterior(q, t2, chunks, dtype)
     mirror = torch.arange(len(q), device=z.device).view(r1 - r0, gw).flip(1).flatten()

@@ -646,6 +646,36 @@ def test_excluded_images_equal_a_smaller_store(kind, t):
         assert (make(view)(z, t) - make(small)(z, t)).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("path", ["fused", "tiles"])
+@pytest.mark.parametrize("t", [0.002, 0.3, 80.0])
+def test_per_query_exclusions_equal_one_view_per_query(path, t, monkeypatch):
+    """Query b over PSPCSquare(data, query_exclusions=E) equals query b over data.without(E[b]), for
+    both first-pass formulations, every schedule size, with flips, on top of a view's own exclusions;
+    the weights pass (attribution) sees the same per-query sets."""
+    from pspc_index import posterior
+    from pspc_index.attribution import attribution_maps
+    if path == "fused" and not posterior.fused_available("cpu", 10 ** 9):
+        pytest.skip("this torch has no fused CPU attention op")
+    monkeypatch.setattr(posterior, "FUSED_MIN_ROWS", 1 if path == "fused" else 10 ** 9)
+    data = data_for("rgb").without([7])
+    ex = torch.zeros(4, N, dtype=torch.bool)
+    ex[0, [1, 4]] = True
+    ex[2, :6] = True
+    ex[3, [0, 2, 3, 5, 6, 8, 9, 10, 11]] = True  # 1 and 4 left (and 7 excluded by the view)
+    z, _ = queries(data, t, "random", seed=3, b=4)
+    for s in (2, 3, 6):
+        got = PSPCSquare(data, patch_size=s, query_exclusions=ex)(z, t)
+        shares, _ = attribution_maps(PSPCSquare(data, patch_size=s, query_exclusions=ex), z, t)
+        for b in range(4):
+            view = data.without(ex[b].nonzero().flatten())
+            want = PSPCSquare(view, patch_size=s)(z[b:b + 1], t)
+            assert maxdiff(got[b:b + 1], want) <= 1e-5, (s, b)
+            want_sh, _ = attribution_maps(PSPCSquare(view, patch_size=s), z[b:b + 1], t)
+            assert torch.allclose(shares[b], want_sh[0], atol=1e-9), (s, b)
+    with pytest.raises(ValueError):
+        PSPCSquare(data, patch_size=3, query_exclusions=ex)(z[:2], t)
+
+
 def test_excluding_everything_is_refused():
     data = data_for("gray")
     with pytest.raises(UserError, match="every training image"):
