@@ -28,10 +28,12 @@ def test_bench_exact_quick():
     assert [r["finite"] for r in out["rows"] if r["section"] == "samples"] == [True]
 
 
-def test_attribution_check_tiny():
-    out = json.loads(run_tool("tools/attribution_check.py", "--n-data", 40, "--samples", 2, "--subsets", 2,
-                              "--steps", 4))
-    assert out["samples"] == 2 and out["mse_change_top"] >= 0
+def test_attribution_check_tiny(tmp_path):
+    args = ("tools/attribution_check.py", "--n-data", 40, "--samples", 3, "--steps", 4, "--remove", 2,
+            "--state", tmp_path / "st")
+    out = json.loads(run_tool(*args))
+    assert out["samples"] == 3 and len(out["ratio_per_sample"]) == 3 and out["change_top_median"] > 0
+    assert json.loads(run_tool(*args)) == out  # a rerun reads the kept stages
 
 
 def test_evaluate_quick_extended_on_its_state(tmp_path):
