@@ -362,11 +362,14 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
 @click.option("--pq-m", type=int, default=32, show_default=True,
               help="ivf-pq: 4-bit sub-quantizers per code (at most; M/2 bytes a patch).")
 @click.option("--gpu", is_flag=True, help="Train and add on the GPU (needs faiss-gpu and CUDA).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for FAISS's k-means and adding and for torch (default: OMP_NUM_THREADS if set, "
+                   "else every core).")
 @xflip_opt
 @overwrite_opt
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, xflip, overwrite, as_json):
+def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, threads, xflip, overwrite, as_json):
     """Build (or resume) an index bundle for STORE at BUNDLE; under torchrun the index files are split
     over the processes."""
     from .distributed import init_distributed
@@ -380,7 +383,8 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
             raise UserError(f"--patch-sizes {patch_sizes!r}: expected comma-separated integers") from None
     rank, world = init_distributed("cuda" if gpu else "cpu")
     man = build_bundle(store_path, bundle_path, sizes, stride=stride, kind=kind, xflip=xflip, nlist=nlist,
-                       pq_m=pq_m, gpu=gpu, progress=not as_json, rank=rank, world=world, overwrite=overwrite)
+                       pq_m=pq_m, gpu=gpu, progress=not as_json, rank=rank, world=world, overwrite=overwrite,
+                       threads=threads)
     if rank != 0:
         return
     nbytes = sum(f["size"] for f in man["files"].values())

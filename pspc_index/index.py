@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ FORMAT_VERSION = 2
 KINDS = ("sq8", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
 TRAIN_MAX = 262144  # most training points of a quantizer (k-means cells, SQ ranges, PQ codebooks)
 RANKS = (1, 16, 256, 4096)  # neighbour ranks whose distances the skip predictor records per size
+KMEANS_ITER = 10  # k-means iterations of IVF cells (FAISS's 25 cost 2.5x the time; cells only propose and bound)
 BOUND_MARGIN = 1e-9  # added to stored radii (float64 rounding of sums of at most 10^5 squares in [0, 4])
 
 
@@ -83,10 +85,21 @@ def window_u8(data, idx: torch.Tensor, win: tuple[int, int, int, int]) -> torch.
     return out.reshape(*idx.shape, *out.shape[1:])
 
 
-def index_vectors(data, win, ids: torch.Tensor) -> np.ndarray:
-    """Virtual training patches `ids` of a window as float32 [n, d] in [-1, 1]."""
-    x = window_u8(data, ids.to(data.device), win).flatten(1).to(torch.float32) / 127.5 - 1
-    return np.ascontiguousarray(x.cpu().numpy())
+def block_windows(data, win: tuple[int, int, int, int]) -> np.ndarray:
+    """uint8 [Nv, D] (C-contiguous): the window of every virtual image, row v = `window_u8(data, v, win)`
+    flattened (D = C*wh*ww, C-major), cut by two slices of the stored images (the flipped half: the mirrored
+    window, flipped), not gathered image by image."""
+    r0, r1, c0, c1 = win
+    w = data.shape[2]
+    x = data.images[:, :, r0:r1, c0:c1]
+    if data.xflip:
+        x = torch.cat([x, data.images[:, :, r0:r1, w - c1:w - c0].flip(-1)])
+    return np.ascontiguousarray(x.flatten(1).cpu().numpy())
+
+
+def to_vectors(u: np.ndarray) -> np.ndarray:
+    """uint8 windows [n, D] -> float32 [n, D] in [-1, 1] (u / 127.5 - 1, rounded as float32)."""
+    return u.astype(np.float32) / np.float32(127.5) - np.float32(1)
 
 
 def factory_spec(kind: str, d: int, nlist: int, pq_m: int) -> str:
@@ -126,31 +139,34 @@ def gpu_resources():
     return _GPU["res"]
 
 
-def make_index(data, win, ids: torch.Tensor, kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool = False,
+def make_index(u: np.ndarray, seed: list[int], kind: str, nlist: int = 0, pq_m: int = 32, gpu: bool = False,
                chunk: int = 65536):
-    """Train and fill an index over the windows of the virtual images `ids` [E] (a block's entries; index id
-    e is ids[e]'s window), adding in chunks so memory stays at one chunk of float32 vectors. Training uses a
-    seeded sample: all entries for sq8 (its value ranges must cover every entry, up to TRAIN_MAX),
-    max(64 nlist, 16,384) for the k-means cells and PQ codebooks (FAISS asks 39 points per centroid; more
+    """Train and fill an index over windows u uint8 [E, D] (a block's entries; index id e is row e), adding
+    in chunks so memory stays at one chunk of float32 vectors. Training uses a sample seeded by `seed`: all
+    entries for sq8 (its value ranges must cover every entry, up to TRAIN_MAX), max(64 nlist, 16,384) for
+    the k-means cells (KMEANS_ITER iterations) and PQ codebooks (FAISS asks 39 points per centroid; more
     only slows the build). Entries are distinct windows, so k-means places cells on content, not on the
-    multiplicity of a background."""
+    multiplicity of a background. FAISS runs on its OpenMP threads (`build_bundle`'s threads)."""
     import faiss
 
-    n, d = len(ids), data.shape[0] * (win[1] - win[0]) * (win[3] - win[2])
+    n, d = u.shape
     index = faiss.index_factory(d, factory_spec(kind, d, nlist, pq_m))
+    if kind.startswith("ivf"):
+        faiss.extract_index_ivf(index).cp.niter = KMEANS_ITER
     if gpu:
         if kind == "sq8":
             raise UserError("--gpu: faiss-gpu has no plain sq8 index; use flat, ivf-flat, ivf-sq8 or ivf-pq")
-        res = gpu_resources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index = faiss.index_cpu_to_gpu(gpu_resources(), 0, index)
+        if hasattr(index, "cp"):
+            index.cp.niter = KMEANS_ITER
     try:
         if not index.is_trained:
             n_train = TRAIN_MAX if kind == "sq8" else min(TRAIN_MAX, max(64 * nlist, 16384))
-            rng = np.random.default_rng(np.random.SeedSequence([n, d, win[0], win[2]]))
+            rng = np.random.default_rng(np.random.SeedSequence(seed))
             sample = np.sort(rng.choice(n, n_train, replace=False)) if n > n_train else np.arange(n)
-            index.train(index_vectors(data, win, ids[torch.from_numpy(sample)]))
+            index.train(to_vectors(u[sample]))
         for start in range(0, n, chunk):
-            index.add(index_vectors(data, win, ids[start:start + chunk]))
+            index.add(to_vectors(u[start:start + chunk]))
     except RuntimeError as e:  # FAISS refusals (e.g. fewer training patches than PQ centroids)
         msg = [ln for ln in str(e).splitlines() if "Error" in ln or ln.strip()][-1].strip()
         raise UserError(f"FAISS could not build the {kind} index over {n} patches: {msg[:200]}") from None
@@ -167,25 +183,25 @@ def collapsed(index) -> bool:
     return 2 * filled < ivf.nlist
 
 
-def block_index(data, win, ids: torch.Tensor, kind: str, nlist: int, pq_m: int, gpu: bool):
-    """(index, kind, lists) of one block over its entries `ids`: `make_index` with nlist lists; a flat index
-    where the entries are fewer than an IVF kind trains on (nlist cells, 16 centroids of 4-bit PQ): scanning
-    so few is exact and cheap; one list where IVF k-means collapsed (a scan of every code; the kind's
-    compact codes stay)."""
-    if kind.startswith("ivf") and len(ids) < max(nlist, 16 if kind == "ivf-pq" else 1):
-        return make_index(data, win, ids, "flat", gpu=gpu), "flat", None
-    index = make_index(data, win, ids, kind, nlist, pq_m, gpu)
+def block_index(u: np.ndarray, seed: list[int], kind: str, nlist: int, pq_m: int, gpu: bool):
+    """(index, kind, lists) of one block over its entries' windows u [E, D]: `make_index` with nlist lists;
+    a flat index where the entries are fewer than an IVF kind trains on (nlist cells, 16 centroids of 4-bit
+    PQ): scanning so few is exact and cheap; one list where IVF k-means collapsed (a scan of every code;
+    the kind's compact codes stay)."""
+    if kind.startswith("ivf") and len(u) < max(nlist, 16 if kind == "ivf-pq" else 1):
+        return make_index(u, seed, "flat", gpu=gpu), "flat", None
+    index = make_index(u, seed, kind, nlist, pq_m, gpu)
     if kind.startswith("ivf") and nlist > 1 and collapsed(index):
-        return make_index(data, win, ids, kind, 1, pq_m, gpu), kind, 1
+        return make_index(u, seed, kind, 1, pq_m, gpu), kind, 1
     return index, kind, nlist if kind.startswith("ivf") else None
 
 
-def block_entries(data, win) -> tuple[np.ndarray, np.ndarray]:
+def block_entries(data, win, u: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Duplicate-aware entries of a window: identical uint8 windows of the virtual images (flips included)
-    are one entry. Returns (offsets int64 [E+1], members int32 [Nv]): entry e's members are
-    members[offsets[e]:offsets[e+1]], ascending; entries are numbered by their first member."""
-    nv = len(data)
-    u = np.ascontiguousarray(window_u8(data, torch.arange(nv), win).flatten(1).cpu().numpy())
+    are one entry. u: the windows [Nv, D] if already cut (`block_windows`). Returns (offsets int64 [E+1],
+    members int32 [Nv]): entry e's members are members[offsets[e]:offsets[e+1]], ascending; entries are
+    numbered by their first member."""
+    u = block_windows(data, win) if u is None else u
     _, first, inverse, counts = np.unique(u.view(np.dtype((np.void, u.shape[1])))[:, 0], return_index=True,
                                           return_inverse=True, return_counts=True)
     # renumber entries by first occurrence, then group the members per entry (stable: ascending ids)
@@ -204,27 +220,36 @@ def crop_mask(c: int, wh: int, ww: int, s: int) -> torch.Tensor:
     return SquareCrops(wh, ww, s).masks()[:, None].expand(-1, c, -1, -1).flatten(1).to(torch.float64)
 
 
-def cell_bounds(data, win, s: int, reps: torch.Tensor, cell: np.ndarray, centroids: np.ndarray,
-                chunk: int = 16384):
-    """Per cell L and crop location C of the block: radius [L, P] float64 = max over the cell's entries
-    (representatives reps [E], cells cell [E]) of ||x_C - mu_C|| (x = u / 127.5 - 1, mu = centroids
-    [L, D] float32 as stored), rounded up by BOUND_MARGIN; and the per-pixel range lo, hi uint8 [L, D] of
-    the cell's entries. Computed in float64 in chunks of entries."""
-    c = data.shape[0]
-    mask = crop_mask(c, win[1] - win[0], win[3] - win[2], s)  # [P, D]
-    mu = torch.from_numpy(centroids).to(torch.float64)
+def cell_bounds(u: np.ndarray, c: int, win, s: int, cell: np.ndarray, centroids: np.ndarray, chunk: int = 16384):
+    """Per cell L and crop location C of the block: radius [L, P] float64 >= max over the cell's entries
+    (windows u uint8 [E, D], cells cell [E]) of ||x_C - mu_C|| (x = u / 127.5 - 1 exactly, mu = centroids
+    [L, D] float32 as stored); and the per-pixel range lo, hi uint8 [L, D] of the cell's entries (one
+    reduction per run of entries sorted by cell).
+
+    The distances are float32 (x - mu, squared, summed by a GEMM with the crops' 0/1 masks), rounded up:
+    with u_r = 2^-24, x is off by <= 3 u_r and x - mu by <= u_r |x - mu| + 4 u_r <= 7 u_r, so the exact
+    ||x_C - mu_C|| <= ||d_C|| + 7 u_r sqrt(D) (Minkowski), and the float32 sum S of the D' <= D rounded
+    squares has ||d_C||^2 <= S / (1 - gamma), gamma = (D + 1) u_r / (1 - (D + 1) u_r) (Higham's bound for
+    any summation order); BOUND_MARGIN on top."""
+    mask = crop_mask(c, win[1] - win[0], win[3] - win[2], s).to(torch.float32)  # [P, D]
+    d = u.shape[1]
+    unit = 2.0 ** -24
+    gamma = (d + 1) * unit / (1 - (d + 1) * unit)
+    mu = torch.from_numpy(centroids)
     cells = len(centroids)
-    radius = torch.zeros(cells, len(mask), dtype=torch.float64)
-    lo = torch.full((cells, mask.shape[1]), 255, dtype=torch.uint8)
-    hi = torch.zeros(cells, mask.shape[1], dtype=torch.uint8)
-    for i in range(0, len(reps), chunk):
-        u = window_u8(data, reps[i:i + chunk], win).flatten(1).cpu()
+    radius = torch.zeros(cells, len(mask), dtype=torch.float32)
+    for i in range(0, len(u), chunk):
         j = torch.from_numpy(cell[i:i + chunk]).long()
-        dist = ((u.to(torch.float64) / 127.5 - 1 - mu[j]) ** 2 @ mask.T).sqrt()  # [n, P]
-        radius.scatter_reduce_(0, j[:, None].expand_as(dist), dist, "amax")
-        lo.scatter_reduce_(0, j[:, None].expand_as(u), u, "amin")
-        hi.scatter_reduce_(0, j[:, None].expand_as(u), u, "amax")
-    return (radius + BOUND_MARGIN).numpy(), lo.numpy(), hi.numpy()
+        sq = (torch.from_numpy(to_vectors(u[i:i + chunk])) - mu[j]) ** 2 @ mask.T  # [n, P]
+        radius.scatter_reduce_(0, j[:, None].expand_as(sq), sq, "amax")
+    radius = (radius.to(torch.float64) / (1 - gamma)).sqrt() + 7 * unit * math.sqrt(d) + BOUND_MARGIN
+    order = np.argsort(cell, kind="stable")
+    present, starts = np.unique(cell[order], return_index=True)
+    lo = np.full((cells, d), 255, np.uint8)
+    hi = np.zeros((cells, d), np.uint8)
+    lo[present] = np.minimum.reduceat(u[order], starts, axis=0)
+    hi[present] = np.maximum.reduceat(u[order], starts, axis=0)
+    return radius.numpy(), lo, hi
 
 
 def entry_cells(index, kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,17 +268,18 @@ def entry_cells(index, kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     return cell, ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
 
-def entries_bytes(data, win, s: int, index, kind: str, offsets: np.ndarray, members: np.ndarray) -> bytes:
-    """The block's `.npz`: members, offsets, cell, centroids, radius, lo, hi (`BlockEntries`)."""
+def entries_bytes(u: np.ndarray, c: int, win, s: int, index, kind: str, offsets: np.ndarray,
+                  members: np.ndarray) -> bytes:
+    """The block's `.npz`: members, offsets, cell, centroids, radius, lo, hi (`BlockEntries`); u [E, D]
+    the entries' windows."""
     import io
 
-    reps = torch.from_numpy(members[offsets[:-1]].astype(np.int64))
-    cell, centroids = entry_cells(index, kind, len(reps))
+    cell, centroids = entry_cells(index, kind, len(u))
     if centroids is None:
-        centroids = np.stack([index_vectors(data, win, reps[i:i + 65536]).sum(0, dtype=np.float64)
-                              for i in range(0, len(reps), 65536)]).sum(0, keepdims=True)
-        centroids = (centroids / len(reps)).astype(np.float32)
-    radius, lo, hi = cell_bounds(data, win, s, reps, cell, centroids)
+        centroids = np.stack([to_vectors(u[i:i + 65536]).sum(0, dtype=np.float64)
+                              for i in range(0, len(u), 65536)]).sum(0, keepdims=True)
+        centroids = (centroids / len(u)).astype(np.float32)
+    radius, lo, hi = cell_bounds(u, c, win, s, cell, centroids)
     buf = io.BytesIO()
     np.savez(buf, members=members, offsets=offsets, cell=cell, centroids=centroids, radius=radius, lo=lo, hi=hi)
     return buf.getvalue()
@@ -270,7 +296,9 @@ def neighbour_stats(data, s: int, samples: int = 32, seed: int = 0) -> list[floa
     dists = []
     for y, x in ((0, 0), ((h - s) // 2, (w - s) // 2), ((h - s) // 2, 0)):
         win = (y, y + s, x, x + s)
-        u = torch.unique(window_u8(data, torch.arange(len(data)), win).flatten(1), dim=0).to(torch.float64)
+        every = block_windows(data, win)
+        u = torch.from_numpy(np.unique(every.view(np.dtype((np.void, every.shape[1])))[:, 0]).view(np.uint8)
+                             .reshape(-1, every.shape[1])).to(torch.float64)
         q = window_u8(data, picks, win).flatten(1).to(torch.float64)
         d2 = torch.cdist(q / 127.5, u / 127.5) ** 2  # [samples, distinct]: itself at distance 0
         srt = d2.sort(1).values
@@ -328,7 +356,8 @@ def _versions() -> dict:
 
 def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "ivf-pq",
                  xflip: bool = True, nlist: int | None = None, pq_m: int = 32, gpu: bool = False,
-                 progress: bool = True, rank: int = 0, world: int = 1, overwrite: bool = False) -> dict:
+                 progress: bool = True, rank: int = 0, world: int = 1, overwrite: bool = False,
+                 threads: int | None = None) -> dict:
     """Build (or finish) an index bundle for a store; returns the manifest. patch_sizes None: the sizes the
     store's default schedule uses below full size.
 
@@ -338,7 +367,8 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     With world > 1 (an initialised torch.distributed group, e.g. under torchrun), process `rank` builds
     every world-th index file; the file records are gathered and rank 0 writes the manifest.
     Memory: the block's uint8 windows (N x d bytes, for the duplicate scan), one chunk of float32 training
-    vectors (65,536 x d) and the index being built.
+    vectors (65,536 x d) and the index being built. threads: FAISS's OpenMP threads and torch's (None: as
+    set, e.g. by OMP_NUM_THREADS; FAISS's default is every core).
     """
     import faiss
     from tqdm import tqdm
@@ -347,6 +377,11 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
 
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
     if stride < 1:
         raise UserError(f"--stride must be >= 1, got {stride}")
     store = ImageStore.open(store_path)
@@ -397,26 +432,38 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     bundle.mkdir(parents=True, exist_ok=True)
     journal = bundle / (PROGRESS if world == 1 else f".progress-{rank}.json")
     files: dict[str, dict] = {}
-    jobs = [(s, by, bx, win) for s in sizes for by, bx, win in blocks(h, w, s, stride)]
-    for i, (s, by, bx, win) in enumerate(tqdm(jobs, unit="index", disable=not progress, file=sys.stderr)):
+    # files recorded with their checksums are kept; this process builds every world-th of the others
+    todo = []
+    for i, (s, by, bx, win) in enumerate((s, by, bx, win) for s in sizes for by, bx, win in blocks(h, w, s, stride)):
         name = file_name(s, by, bx)
-        path = bundle / name
         rec = done.get(name)
-        if _recorded(path, rec) and _recorded(bundle / entries_name(s, by, bx), rec.get("entries")):
+        if _recorded(bundle / name, rec) and _recorded(bundle / entries_name(s, by, bx), rec.get("entries")):
             files[name] = rec
         elif i % world == rank:
-            # distinct windows (entries) with their members, the index over them, then their cell bounds
-            offsets, members = block_entries(data, win)
-            reps = torch.from_numpy(members[offsets[:-1]].astype(np.int64))
-            index, file_kind, lists = block_index(data, win, reps, kind, nlist or 0, pq_m, gpu)
-            raw = faiss.serialize_index(index).tobytes()
-            ent = entries_bytes(data, win, s, index, file_kind, offsets, members)
-            _write_atomic(bundle / entries_name(s, by, bx), ent)
-            _write_atomic(path, raw)
-            files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "nlist": lists,
-                           "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-                           "entries": {"count": len(reps), "size": len(ent), "sha256": hashlib.sha256(ent).hexdigest()}}
-            _write_json(journal, {**params, "files": {**done, **files}})
+            todo.append((s, by, bx, win))
+    # progress weighted by window pixels (a block's k-means, adding and bounds grow with them): a fair ETA
+    weight = lambda win: (win[1] - win[0]) * (win[3] - win[2])  # noqa: E731
+    bar = tqdm(total=sum(weight(job[3]) for job in todo), disable=not progress, file=sys.stderr, desc="build",
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    for s, by, bx, win in todo:
+        bar.set_postfix_str(f"s={s} block ({by}, {bx}), {len(files)}/{len(files) + len(todo)} indices done")
+        # the block's windows, cut once: distinct ones (entries) with their members, the index over the
+        # entries, then their cell bounds
+        u = block_windows(data, win)
+        offsets, members = block_entries(data, win, u)
+        u = u[members[offsets[:-1]]]
+        index, file_kind, lists = block_index(u, [len(u), u.shape[1], win[0], win[2]], kind, nlist or 0, pq_m, gpu)
+        raw = faiss.serialize_index(index).tobytes()
+        ent = entries_bytes(u, c, win, s, index, file_kind, offsets, members)
+        name = file_name(s, by, bx)
+        _write_atomic(bundle / entries_name(s, by, bx), ent)
+        _write_atomic(bundle / name, raw)
+        files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "nlist": lists,
+                       "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                       "entries": {"count": len(u), "size": len(ent), "sha256": hashlib.sha256(ent).hexdigest()}}
+        _write_json(journal, {**params, "files": {**done, **files}})
+        bar.update(weight(win))
+    bar.close()
     if world > 1:
         import torch.distributed as dist
 

@@ -357,3 +357,20 @@ def test_cli_default_tol_routes_and_reports(smooth, tmp_path):
     rep = json.loads((tmp_path / "x.json").read_text())
     assert len(rep["steps"]) == 3 and len(rep["calls"]) == 6 and all(st["queries"] == 2 for st in rep["steps"])
     assert r.output.count("pspc-index: routing") == 3
+
+
+def test_cell_radius_rounds_up_from_float32():
+    # the float32 distances, rounded up, bound the exact float64 ones, and are within 1e-5 relative of them
+    from pspc_index.index import cell_bounds, crop_mask
+    rs = np.random.RandomState(5)
+    u = rs.randint(0, 256, (3000, 2 * 6 * 6)).astype(np.uint8)
+    u[:500] = rs.choice([0, 255], (500, 72))  # extremes: the largest distances
+    cell = rs.randint(0, 7, 3000).astype(np.int32)
+    x = torch.from_numpy(u).double() / 127.5 - 1
+    centroids = torch.stack([x[torch.from_numpy(cell == j)].mean(0) for j in range(7)]).float().numpy()
+    radius, lo, hi = cell_bounds(u, 2, (0, 6, 0, 6), 3, cell, centroids)
+    mask = crop_mask(2, 6, 6, 3)
+    exact = (((x - torch.from_numpy(centroids).double()[cell]) ** 2) @ mask.T).sqrt()  # [E, P]
+    naive = torch.stack([exact[torch.from_numpy(cell == j)].amax(0) for j in range(7)])
+    assert (torch.from_numpy(radius) >= naive).all() and ((torch.from_numpy(radius) - naive) / naive).max() < 1e-5
+    assert all((lo[j] == u[cell == j].min(0)).all() and (hi[j] == u[cell == j].max(0)).all() for j in range(7))
