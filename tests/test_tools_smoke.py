@@ -86,13 +86,6 @@ def test_train_classifier_tiny(tmp_path):
     assert (tmp_path / "c.safetensors").exists() and (tmp_path / "c.json").exists()
 
 
-def test_bench_index_tiny(tmp_path):
-    out = json.loads(run_tool("tools/bench_index.py", "--n-data", 100, "--batch", 2, "--k", 16, "--ms", 32,
-                              "--ts", "12", "--recall-positions", 2, "--markdown", tmp_path / "t.md"))
-    assert len(out["rows"]) == 4 and all(r["mse_vs_exact"] < 0.1 for r in out["rows"])
-    assert all(0 <= r["recall_at_k"] <= 1 for r in out["rows"]) and (tmp_path / "t.md").exists()
-
-
 def test_bench_sampling_tiny():
     out = json.loads(run_tool("tools/bench_sampling.py", "--n", 2, "--batch", 2, "--steps", 3, "--n-data", 60,
                               "--exact-n", 1, "--loop-n-data", 20, "--k", 8, "--m", 16))
