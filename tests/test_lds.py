@@ -112,3 +112,21 @@ def test_tiny_run_resumes_and_refuses_other_settings(tmp_path):
     assert json.loads((tmp_path / "st" / "lds.json").read_text())["lds"] == out["lds"]
     other = run("--subsets", "6")
     assert other.returncode == 2 and "other settings" in other.stderr and other.stderr.count("\n") == 1
+
+
+def test_retrieval_method_with_a_flat_index_covering_everything_equals_exact(tmp_path):
+    """pspc-retrieval with a flat bundle and k >= N scores every image: the exact trajectory shares."""
+    from pspc_index.index import build_bundle
+    from pspc_index.ingest import read_source
+    from pspc_index.store import write_store
+
+    write_store(tmp_path / "s.zarr", read_source("fashion-mnist").images[:30], None)
+    build_bundle(tmp_path / "s.zarr", tmp_path / "b", [3], kind="flat", progress=False)
+    res = subprocess.run([sys.executable, "tools/lds.py", "--n-data", "30", "--subsets", "4", "--samples", "2",
+                          "--pairs", "1", "--steps", "3", "--regen-samples", "0", "--state", str(tmp_path / "st"),
+                          "--methods", "pspc-trajectory,pspc-retrieval", "--store", str(tmp_path / "s.zarr"),
+                          "--bundle", str(tmp_path / "b"), "--k", "100000"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    load = lambda m: torch.load(tmp_path / "st" / f"method_{m}.pt", weights_only=False)["tau"]  # noqa: E731
+    assert torch.allclose(load("pspc-trajectory"), load("pspc-retrieval"), atol=1e-9)

@@ -18,6 +18,7 @@ Protocol (fixed before the run):
   (for the first `--regen-samples` samples; it costs a whole sample run per subset);
 - methods (tau >= 0, per stored image, an image's and its flip's summed):
   pspc-trajectory  the sample's trajectory shares (attribution.attribute_trajectory, Euler-weighted);
+  pspc-retrieval   the same from an index bundle (--bundle, pure top-k --k; sizes it lacks run exact);
   pspc-loss        the shares of the loss's own denoiser calls D(x + t_j eps_j, t_j), averaged over j;
   pixel-nn         whole-image kernel weights softmax_i(-||x - x_i||^2 / 2 sigma^2), the best of a sigma
                    grid (chosen on this evaluation: optimistic for the baseline);
@@ -151,6 +152,16 @@ def method_scores(name: str, data: TrainingSet, st: dict, a) -> torch.Tensor | d
     if name == "pspc-trajectory":
         _, shares, _ = attribute_trajectory(PSPCSquare(data), st["ts"], st["zs"][:, :a.samples], top=1)
         return stored_shares(data, shares)
+    if name == "pspc-retrieval":  # the same trajectory shares from an index bundle (pure top-k, sparse)
+        from pspc_index.index import open_bundle
+        from pspc_index.retrieval import RetrievalPSPC
+        from pspc_index.store import ImageStore
+        store = ImageStore.open(a.store)
+        if len(store.images) != a.n_data or not torch.equal(torch.from_numpy(store.images), data.images):
+            raise SystemExit(f"lds: {a.store} is not the first {a.n_data} Fashion-MNIST images")
+        den = RetrievalPSPC(data, open_bundle(a.bundle, store), k=a.k)
+        _, shares, _ = attribute_trajectory(den, st["ts"], st["zs"][:, :a.samples], top=1)
+        return stored_shares(data, shares)
     if name == "pspc-loss":
         t, eps = loss_pairs(a.samples, a.pairs, data.shape, a.seed)
         z = (x[:, None] + t[..., None, None, None].float() * eps).flatten(0, 1)
@@ -240,6 +251,9 @@ def main():
     p.add_argument("--nda-sigma", type=float, default=0.3)
     p.add_argument("--nda-shift", type=int, default=2)
     p.add_argument("--methods", default="pspc-trajectory,pspc-loss,pixel-nn,nda-patch,random")
+    p.add_argument("--store", help="pspc-retrieval: the store the bundle was built for (the same images)")
+    p.add_argument("--bundle", help="pspc-retrieval: index bundle (sizes it lacks run exact)")
+    p.add_argument("--k", type=int, default=1024, help="pspc-retrieval: candidates per location")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--state", required=True, help="folder of finished stages (resumable)")
@@ -251,7 +265,7 @@ def main():
     state = Path(a.state)
     state.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in vars(a).items()
-           if k not in ("json", "threads", "helper", "out", "methods", "regen_samples")}
+           if k not in ("json", "threads", "helper", "out", "methods", "regen_samples", "store", "bundle", "k")}
     cfg_path = state / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg:
         print(f"lds: {state} was made with other settings ({cfg_path}); use another --state", file=sys.stderr)
