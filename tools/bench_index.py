@@ -2,7 +2,8 @@
 routing to the exact kernel) against the exact engine, in the same run.
 
 On Fashion-MNIST (the first --n-data training images, 0 = all 60,000, plus flips: N = 120,000), with the
-default index (--kind) built once (build seconds, bytes per patch size against the store's pixel bytes),
+default index (--kind) built once for every size of the schedule below full size (build seconds, bytes
+per patch size against the store's pixel bytes),
 for every t of the 18-step schedule (--ts to choose): one batch of --batch forward-process queries
 z = x + t eps (seeded by the step), the exact engine (PSPCSquare) and the hybrid (RetrievalPSPC with the
 CLI's defaults: k, tol = retrieval.DEFAULT_TOL, tail none) each warmed up on one query, then timed on the
@@ -165,8 +166,8 @@ def run(a) -> dict:
         write_store(store_path, images if a.n_data == 0 else images[:a.n_data], source="fashion-mnist")
     store = ImageStore.open(store_path)
     data = store.training_set()
-    sizes = sorted({int(sched.patch_sizes[i]) for i in steps if sched.patch_sizes[i] < data.shape[1]})
-    if "build" not in state and sizes:
+    sizes = sorted({s for s in sched.patch_sizes if s < data.shape[1]})  # the whole schedule's bundle
+    if "build" not in state:
         # a build killed before its manifest resumes from its journal; its seconds are then this run's part
         resumed = (work / "bundle").exists()
         man, secs = timed(lambda: build_bundle(store_path, work / "bundle", sizes, stride=a.stride, kind=a.kind,
@@ -178,7 +179,7 @@ def run(a) -> dict:
                                                   for s in sizes}}
         save_state(work / "state.json", state)
         print(json.dumps({"build": state["build"]}), file=sys.stderr, flush=True)
-    bundle = open_bundle(work / "bundle", store) if sizes else None
+    bundle = open_bundle(work / "bundle", store)
     g_recall = torch.Generator().manual_seed(0)
     for i in steps:
         if str(i) in state["rows"]:
