@@ -7,7 +7,17 @@ Writes the EMA weights and json (`--out`), the loss log `<out>-loss.csv` and cur
 then checks the result: forward-process denoising MSE against the identity, and 16 Euler samples
 `<out>-samples.png`.
 
-    python tools/train_denoiser.py --threads 1 --minutes 45 --out data/network/fmnist-unet
+EDM's lognormal almost never draws sigma > 20 (P = 2.3e-4), so the network is untrained at the top of
+the sampling grid (docs/network_high_t.md). `--uniform-frac p` draws a fraction p of the sigmas
+log-uniform over [--sigma-min, --sigma-max] instead (the sampler's whole range), and `--init` starts from
+a trained checkpoint (weights only: its Adam state and raw weights are not kept), so a fine-tune fixes
+that end. A run saves `<out>-resume.pt` (raw and EMA weights, Adam state, random state, loss log) every
+--save-minutes; started again with the same settings it continues from there (the --minutes budget
+counts the time of every part), and the file is removed when the run completes.
+
+    python tools/train_denoiser.py --threads 1 --minutes 45 --out data/network/fmnist-unet --overwrite
+    python tools/train_denoiser.py --threads 1 --minutes 60 --init data/network/fmnist-unet \
+        --uniform-frac 0.3 --warmup-kimg 5 --out data/network/fmnist-unet-ft
 """
 from __future__ import annotations
 
@@ -15,6 +25,8 @@ import argparse
 import copy
 import csv
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +36,18 @@ from tqdm import tqdm
 
 from pspc_index.errors import UserError
 from pspc_index.ingest import read_source
-from pspc_index.network import (SIGMA_DATA, EDMPrecond, UNetConfig, load_network, parameter_count,
+from pspc_index.network import (SIGMA_DATA, EDMPrecond, UNetConfig, _stem, load_network, parameter_count,
                                 read_network_meta, save_network)
 from pspc_index.sampler import initial_noise, pf_ode_sample
 from pspc_index.store import to_float, to_uint8
 
 P_MEAN, P_STD = -1.2, 1.2
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # the sampler's grid ends (schedule.karras_grid)
 CHECK_TS = (0.1, 1.0, 5.0)
+# Settings a resumed run must share with the run that wrote the resume file (the rest may change).
+RESUME_FIXED = ("data", "seed", "batch", "lr", "warmup_kimg", "ema_kimg", "model_channels", "channel_mult",
+                "num_blocks", "dropout", "no_attention", "bf16", "log_every", "init", "uniform_frac", "sigma_min",
+                "sigma_max")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,10 +61,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup-kimg", type=float, default=50.0, help="linear lr warm-up, thousands of images")
     ap.add_argument("--ema-kimg", type=float, default=500.0, help="EMA half-life, thousands of images")
-    ap.add_argument("--model-channels", type=int, default=UNetConfig.model_channels)
-    ap.add_argument("--channel-mult", default=",".join(map(str, UNetConfig.channel_mult)))
-    ap.add_argument("--num-blocks", type=int, default=UNetConfig.num_blocks)
-    ap.add_argument("--dropout", type=float, default=UNetConfig.dropout)
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint's (EMA) weights and architecture; never overwritten")
+    ap.add_argument("--uniform-frac", type=float, default=0.0,
+                    help="fraction of sigmas drawn log-uniform over [--sigma-min, --sigma-max] (0: EDM's lognormal)")
+    ap.add_argument("--sigma-min", type=float, default=SIGMA_MIN)
+    ap.add_argument("--sigma-max", type=float, default=SIGMA_MAX)
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (all parts together)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
+    ap.add_argument("--model-channels", type=int, default=None, help=f"default {UNetConfig.model_channels}")
+    ap.add_argument("--channel-mult", default=None, help=f"default {','.join(map(str, UNetConfig.channel_mult))}")
+    ap.add_argument("--num-blocks", type=int, default=None, help=f"default {UNetConfig.num_blocks}")
+    ap.add_argument("--dropout", type=float, default=None, help=f"default {UNetConfig.dropout}")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bfloat16 autocast for the U-Net during training (~1.5x faster on CPUs with AVX512-BF16)")
@@ -56,9 +81,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def edm_loss(net: EDMPrecond, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """EDM loss: weighted x-prediction error at sigma ~ lognormal(P_MEAN, P_STD), mean per element."""
-    sigma = (torch.randn(len(x), generator=gen) * P_STD + P_MEAN).exp()
+def sample_sigma(n: int, gen: torch.Generator, uniform_frac: float = 0.0, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX) -> torch.Tensor:
+    """n training noise levels (EDM sigma, [-1, 1] pixel units) -> float32 [n]: each with probability
+    uniform_frac log-uniform over [sigma_min, sigma_max], else EDM's lognormal(P_MEAN, P_STD) (Karras et
+    al. 2022, Table 1). uniform_frac = 0 draws one randn per sigma, the stream of the shipped network's run."""
+    # 1. EDM's lognormal for every sigma
+    sigma = (torch.randn(n, generator=gen) * P_STD + P_MEAN).exp()
+    if uniform_frac > 0:
+        # 2. the mixture: which sigmas are log-uniform, and their values
+        pick = torch.rand(n, generator=gen) < uniform_frac
+        log_u = math.log(sigma_min) + torch.rand(n, generator=gen) * math.log(sigma_max / sigma_min)
+        sigma = torch.where(pick, log_u.exp(), sigma)
+    return sigma
+
+
+def sigma_tail(t: float, uniform_frac: float = 0.0, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+               p_mean: float = P_MEAN, p_std: float = P_STD) -> float:
+    """P(sigma > t) under sample_sigma's mixture (t > 0, EDM sigma): the lognormal's upper tail
+    erfc((ln t - P_mean) / (P_std sqrt 2)) / 2 and the log-uniform's share of [t, sigma_max]."""
+    lognormal = 0.5 * math.erfc((math.log(t) - p_mean) / (p_std * math.sqrt(2)))
+    uniform = min(1.0, max(0.0, math.log(sigma_max / t) / math.log(sigma_max / sigma_min)))
+    return (1 - uniform_frac) * lognormal + uniform_frac * uniform
+
+
+def edm_loss(net: EDMPrecond, x: torch.Tensor, gen: torch.Generator, **sigma_dist) -> torch.Tensor:
+    """EDM loss: weighted x-prediction error at sigma ~ sample_sigma(**sigma_dist), mean per element."""
+    sigma = sample_sigma(len(x), gen, **sigma_dist)
     weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
     z = x + sigma[:, None, None, None] * torch.randn(x.shape, generator=gen)
     return (weight[:, None, None, None] * (net(z, sigma) - x).square()).mean()
@@ -132,73 +181,179 @@ def save_samples(net: EDMPrecond, shape, path: Path, n: int = 16, seed: int = 0)
                                                               Image.NEAREST).save(path)
 
 
+def network_config(args, shape) -> tuple[UNetConfig, dict | None]:
+    """The architecture: the --init checkpoint's (its json document returned too), else the flags'.
+    UserError if --init is combined with architecture flags or its images are not `shape` [C, H, W]."""
+    arch = dict(model_channels=args.model_channels, channel_mult=args.channel_mult, num_blocks=args.num_blocks,
+                dropout=args.dropout)
+    c, h, w = shape
+    if args.init is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in arch.items() if v is not None] + \
+            (["--no-attention"] if args.no_attention else [])
+        if given:
+            raise UserError(f"--init takes the architecture from {args.init}; drop {' '.join(given)}")
+        doc = read_network_meta(args.init)
+        config = UNetConfig(**doc["config"])
+        if (config.img_channels, config.img_resolution, config.img_resolution) != (c, h, w):
+            raise UserError(f"--init {args.init}: the network takes {config.img_channels}x{config.img_resolution}x"
+                            f"{config.img_resolution} images, {args.data} holds {c}x{h}x{w}")
+        return config, doc
+    if h != w:
+        raise UserError(f"{args.data}: the network needs square images, got {h}x{w}")
+    d = UNetConfig()
+    mult = d.channel_mult if args.channel_mult is None else tuple(int(v) for v in args.channel_mult.split(","))
+    return UNetConfig(img_channels=c, img_resolution=h,
+                      model_channels=d.model_channels if args.model_channels is None else args.model_channels,
+                      channel_mult=mult, num_blocks=d.num_blocks if args.num_blocks is None else args.num_blocks,
+                      attention=not args.no_attention,
+                      dropout=d.dropout if args.dropout is None else args.dropout), None
+
+
+def check_args(args) -> None:
+    """UserError (one line) for settings that cannot run or would destroy a checkpoint."""
+    if not 0 <= args.uniform_frac <= 1:
+        raise UserError(f"--uniform-frac must be in [0, 1], got {args.uniform_frac}")
+    if not 0 < args.sigma_min < args.sigma_max:
+        raise UserError(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min}, {args.sigma_max}")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise UserError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if args.batch < 1 or args.log_every < 1 or args.threads < 1:
+        raise UserError("--batch, --log-every and --threads must be >= 1")
+    out = _stem(args.out)
+    if args.init is not None:
+        if out.resolve() == _stem(args.init).resolve():
+            raise UserError(f"--out {args.out} is the --init checkpoint; write the fine-tune to a new --out")
+    if out.with_name(out.name + ".json").exists() and not resume_path(out).exists() and not args.overwrite:
+        raise UserError(f"{out}.json exists; pass --overwrite to replace it, or another --out")
+
+
+def resume_path(out: Path) -> Path:
+    return out.with_name(out.name + "-resume.pt")
+
+
+def save_resume(path: Path, state: dict) -> None:
+    """Write the resume state under a temporary name and rename it (a kill never leaves half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume(path: Path, settings: dict) -> dict | None:
+    """The resume state at `path` (None if there is none); UserError if it was written with other settings."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)  # tensors and plain values only: nothing is unpickled
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: not a readable resume file ({e}); remove it to start afresh") from None
+    changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+    if changed:
+        raise UserError(f"{path}: written with other settings ({', '.join(changed)}); rerun with the same ones, "
+                        "or remove it to start afresh")
+    return state
+
+
 def train(args) -> None:
+    check_args(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     source = read_source(args.data)
     images = torch.from_numpy(source.images)
     n, c, h, w = images.shape
-    config = UNetConfig(img_channels=c, img_resolution=h, model_channels=args.model_channels,
-                        channel_mult=tuple(int(v) for v in args.channel_mult.split(",")),
-                        num_blocks=args.num_blocks, attention=not args.no_attention, dropout=args.dropout)
-    if h != w:
-        raise UserError(f"{args.data}: the network needs square images, got {h}x{w}")
-    net = EDMPrecond(config).train()
+    config, init_doc = network_config(args, (c, h, w))
+    net = (load_network(args.init) if args.init is not None else EDMPrecond(config)).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    out = Path(args.out)
+    sigma_dist = dict(uniform_frac=args.uniform_frac, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+    out = _stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out.with_name(out.name + "-loss.csv"), out.with_name(out.name + "-loss.png")
-    print(f"{source.description}: {n} images {c}x{h}x{w}; U-Net {parameter_count(net):,} parameters; "
-          f"{args.threads} thread(s), {args.minutes} min", flush=True)
+    settings = {k: getattr(args, k) for k in RESUME_FIXED}
+
+    # Continue a killed run: weights, Adam, random state, counters and loss log as of its last save.
+    rows, step, seen, before, acc, acc_n = [], 0, 0, 0.0, 0.0, 0
+    state = load_resume(resume_path(out), settings)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        rows, step, seen, before = state["rows"], state["step"], state["seen"], state["elapsed"]
+        acc, acc_n = state["acc"], state["acc_n"]
+    print(f"{source.description}: {n} images {c}x{h}x{w}; U-Net {parameter_count(net):,} parameters"
+          f"{f' from {args.init}' if args.init else ''}; {args.threads} thread(s), {args.minutes} min; "
+          f"sigma: {1 - args.uniform_frac:g} lognormal({P_MEAN}, {P_STD}) + {args.uniform_frac:g} log-uniform"
+          f"[{args.sigma_min}, {args.sigma_max}]" + (f"; resumed at step {step}, {before:.0f} s" if state else ""),
+          flush=True)
 
     def meta(final: bool) -> dict:
-        return {"data": source.description, "steps": step, "images_seen": seen, "batch": args.batch,
-                "wall_seconds": round(time.time() - start, 1), "threads": args.threads, "seed": args.seed,
-                "lr": args.lr, "warmup_kimg": args.warmup_kimg, "ema_halflife_kimg": args.ema_kimg,
-                "bf16_autocast": args.bf16, "p_mean": P_MEAN, "p_std": P_STD, "xflip": 0.5,
-                "final_loss": recent_loss(), "complete": final, "weights": "EMA"}
+        m = {"data": source.description, "steps": step, "images_seen": seen, "batch": args.batch,
+             "wall_seconds": round(elapsed(), 1), "threads": args.threads, "seed": args.seed,
+             "lr": args.lr, "warmup_kimg": args.warmup_kimg, "ema_halflife_kimg": args.ema_kimg,
+             "bf16_autocast": args.bf16, "p_mean": P_MEAN, "p_std": P_STD, "uniform_frac": args.uniform_frac,
+             "sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "xflip": 0.5,
+             "final_loss": recent_loss(), "complete": final, "weights": "EMA"}
+        if init_doc is not None:
+            m["init"] = {"path": str(args.init), "images_seen": init_doc["meta"].get("images_seen"),
+                         "wall_seconds": init_doc["meta"].get("wall_seconds")}
+        return m
 
     def recent_loss() -> float | None:
         tail = [r["loss"] for r in rows[-4:]]
         return round(sum(tail) / len(tail), 5) if tail else None
 
-    rows, step, seen, acc, acc_n = [], 0, 0, 0.0, 0
+    def elapsed() -> float:
+        return before + time.time() - start
+
+    def running() -> bool:
+        return elapsed() < args.minutes * 60 and (args.max_steps is None or step < args.max_steps)
+
     start = last_save = time.time()
-    bar = tqdm(total=round(args.minutes * 60), unit="s", desc="train", mininterval=30, file=sys.stdout)
+    bar = tqdm(total=round(args.minutes * 60), initial=min(round(before), round(args.minutes * 60)), unit="s",
+               desc="train", mininterval=30, file=sys.stdout)
     with open(csv_path, "w", newline="") as f:
         log = csv.DictWriter(f, ["step", "kimg", "seconds", "loss", "lr"])
         log.writeheader()
-        while time.time() - start < args.minutes * 60:
+        log.writerows(rows)
+        while running():
+            # 1. one Adam step on the weighted x-prediction loss, lr warmed up linearly
             lr = args.lr * min(1.0, seen / (args.warmup_kimg * 1e3 + 1e-8))
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = edm_loss(net, training_batch(images, args.batch, gen), gen)
+                loss = edm_loss(net, training_batch(images, args.batch, gen), gen, **sigma_dist)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step, seen = step + 1, seen + args.batch
             ema_update(ema, net, seen, args.batch, args.ema_kimg * 1e3)
+            # 2. the loss log and the progress line
             acc, acc_n = acc + loss.item(), acc_n + 1
             if step % args.log_every == 0:
-                rows.append({"step": step, "kimg": round(seen / 1e3, 3), "seconds": round(time.time() - start, 1),
+                rows.append({"step": step, "kimg": round(seen / 1e3, 3), "seconds": round(elapsed(), 1),
                              "loss": round(acc / acc_n, 6), "lr": lr})
                 log.writerow(rows[-1])
                 f.flush()
                 acc, acc_n = 0.0, 0
                 bar.set_postfix(step=step, kimg=f"{seen / 1e3:.0f}", loss=f"{rows[-1]['loss']:.4f}")
-                bar.update(min(round(time.time() - start), bar.total) - bar.n)
-            if time.time() - last_save > args.save_minutes * 60:
+                bar.update(min(round(elapsed()), bar.total) - bar.n)
+            # 3. the EMA checkpoint and the resume state, every --save-minutes
+            if time.time() - last_save >= args.save_minutes * 60:
                 save_network(out, ema, meta(final=False))
+                save_resume(resume_path(out), {"settings": settings, "net": net.state_dict(),
+                                               "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                               "gen": gen.get_state(), "rows": rows, "step": step, "seen": seen,
+                                               "acc": acc, "acc_n": acc_n, "elapsed": elapsed()})
                 last_save = time.time()
     bar.close()
     final = meta(final=True)
     final["ema_eval_loss"] = round(eval_loss(ema, images), 5)
     final["denoising_mse"] = denoising_check(ema, images)
     save_network(out, ema, final)
-    save_loss_plot(rows, png_path)
+    resume_path(out).unlink(missing_ok=True)
+    if rows:
+        save_loss_plot(rows, png_path)
     check(out, images)
 
 
