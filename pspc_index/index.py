@@ -55,7 +55,7 @@ FORMAT_VERSION = 2
 KINDS = ("sq8", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
 TRAIN_MAX = 262144  # most training points of a quantizer (k-means cells, SQ ranges, PQ codebooks)
 RANKS = (1, 16, 256, 4096)  # neighbour ranks whose distances the skip predictor records per size
-KMEANS_ITER = 10  # k-means iterations of IVF cells (FAISS's 25 cost 2.5x the time; cells only propose and bound)
+KMEANS_ITER = 10  # k-means iterations of IVF cells and PQ codebooks (FAISS's 25 cost 2.5x; they only propose and bound)
 BOUND_MARGIN = 1e-9  # added to stored radii (float64 rounding of sums of at most 10^5 squares in [0, 4])
 
 
@@ -151,8 +151,10 @@ def make_index(u: np.ndarray, seed: list[int], kind: str, nlist: int = 0, pq_m: 
 
     n, d = u.shape
     index = faiss.index_factory(d, factory_spec(kind, d, nlist, pq_m))
-    if kind.startswith("ivf"):
+    if kind.startswith("ivf"):  # the cells' k-means, and the PQ codebooks' where there are some
         faiss.extract_index_ivf(index).cp.niter = KMEANS_ITER
+        if kind == "ivf-pq":
+            faiss.downcast_index(index).pq.cp.niter = KMEANS_ITER
     if gpu:
         if kind == "sq8":
             raise UserError("--gpu: faiss-gpu has no plain sq8 index; use flat, ivf-flat, ivf-sq8 or ivf-pq")
@@ -272,16 +274,32 @@ def entries_bytes(u: np.ndarray, c: int, win, s: int, index, kind: str, offsets:
                   members: np.ndarray) -> bytes:
     """The block's `.npz`: members, offsets, cell, centroids, radius, lo, hi (`BlockEntries`); u [E, D]
     the entries' windows."""
-    import io
-
     cell, centroids = entry_cells(index, kind, len(u))
     if centroids is None:
         centroids = np.stack([to_vectors(u[i:i + 65536]).sum(0, dtype=np.float64)
                               for i in range(0, len(u), 65536)]).sum(0, keepdims=True)
         centroids = (centroids / len(u)).astype(np.float32)
     radius, lo, hi = cell_bounds(u, c, win, s, cell, centroids)
+    # the smallest integer types that hold them (read back as int64 / int32, `Bundle.entries`)
+    small = lambda v, top: v.astype(np.uint16 if top < 2 ** 16 else np.int32 if top < 2 ** 31 else np.int64)  # noqa: E731
+    return npz_bytes(members=small(members, len(members)), offsets=small(offsets, int(offsets[-1]) + 1),
+                     cell=small(cell, len(centroids)),
+                     centroids=centroids, radius=radius, lo=lo, hi=hi)
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """An .npz (deflated) of the arrays, byte-identical for equal arrays: np.savez stamps each member
+    with the time of writing, this one with 1980-01-01."""
+    import io
+    import zipfile
+
     buf = io.BytesIO()
-    np.savez(buf, members=members, offsets=offsets, cell=cell, centroids=centroids, radius=radius, lo=lo, hi=hi)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, val in arrays.items():
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(val), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -486,8 +504,9 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
 class BlockEntries:
     """One block's entries and cell bounds, as stored in its `.npz` (module docstring).
 
-    members int32 [Nv] and offsets int64 [E+1]: entry e (index id e) is the identical windows of virtual
-    images members[offsets[e]:offsets[e+1]]; cell int32 [E]: its cell; centroids float32 [L, D]; radius
+    members [Nv] (stored in the narrowest of uint16 / int32 / int64 that holds them) and offsets int64
+    [E+1]: entry e (index id e) is the identical windows of virtual images members[offsets[e]:offsets[e+1]];
+    cell int32 [E]: its cell (offsets and cell are stored narrow too, widened on load); centroids float32 [L, D]; radius
     float64 [L, P]: the cell's radius at each crop location of the block (row-major by corner); lo, hi
     uint8 [L, D]: the per-pixel range of the cell's entries."""
 
@@ -558,7 +577,9 @@ class Bundle:
             if hashlib.sha256(raw).hexdigest() != self.manifest["files"][file_name(s, by, bx)]["entries"]["sha256"]:
                 raise UserError(f"{self.path / name}: checksum mismatch (file changed since the bundle was opened)")
             with np.load(io.BytesIO(raw)) as f:
-                self._cache[name] = BlockEntries(**{k: f[k] for k in f.files})
+                arrays = {k: f[k] for k in f.files}
+            arrays["offsets"], arrays["cell"] = arrays["offsets"].astype(np.int64), arrays["cell"].astype(np.int32)
+            self._cache[name] = BlockEntries(**arrays)
         return self._cache[name]
 
     def index(self, s: int, by: int, bx: int):
