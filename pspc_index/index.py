@@ -463,8 +463,9 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     weight = lambda win: (win[1] - win[0]) * (win[3] - win[2])  # noqa: E731
     bar = tqdm(total=sum(weight(job[3]) for job in todo), disable=not progress, file=sys.stderr, desc="build",
                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    total = len(files) + len(todo)
     for s, by, bx, win in todo:
-        bar.set_postfix_str(f"s={s} block ({by}, {bx}), {len(files)}/{len(files) + len(todo)} indices done")
+        bar.set_postfix_str(f"s={s} block ({by}, {bx}), {len(files)}/{total} indices done")
         # the block's windows, cut once: distinct ones (entries) with their members, the index over the
         # entries, then their cell bounds
         u = block_windows(data, win)
@@ -481,6 +482,7 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
                        "entries": {"count": len(u), "size": len(ent), "sha256": hashlib.sha256(ent).hexdigest()}}
         _write_json(journal, {**params, "files": {**done, **files}})
         bar.update(weight(win))
+    bar.set_postfix_str(f"{total}/{total} indices done")
     bar.close()
     if world > 1:
         import torch.distributed as dist
