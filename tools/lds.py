@@ -13,7 +13,8 @@ Protocol (fixed before the run):
 - subsets: K seeded random halves of the stored images, an image's flip with it;
 - output "loss": f = mean_j lambda(t_j) ||D_S(x + t_j eps_j, t_j) - x||^2 / (C H W), EDM's weighted
   denoising loss (lambda(t) = (t^2 + sd^2) / (t sd)^2, sd = 0.5) at J pairs (t_j, eps_j) per sample, drawn
-  once (t_j from EDM's training log-normal, ln t ~ N(-1.2, 1.2^2), clipped to the sampler's range);
+  once: J noise levels from EDM's training log-normal (ln t ~ N(-1.2, 1.2^2), clipped to the sampler's
+  range) shared by all samples, eps_j per sample;
 - output "regen": f = ||x_S - x|| (L2, [-1, 1] units), x_S regenerated over S from x's initial noise
   (for the first `--regen-samples` samples; it costs a whole sample run per subset);
 - methods (tau >= 0, per stored image, an image's and its flip's summed):
@@ -65,10 +66,13 @@ PIXEL_SIGMAS = (1.0, 2.0, 4.0, 8.0)  # L2 over all pixels, [-1, 1] units
 # ------------------------------------------------------------------------------------------------
 
 def loss_pairs(n: int, pairs: int, shape, seed: int):
-    """The fixed (t, eps) of the loss output: t float64 [n, J] (EDM log-normal, clipped), eps float32 [n, J, C, H, W]."""
+    """The fixed (t, eps) of the loss output: t float64 [n, J], eps float32 [n, J, C, H, W]. The J noise
+    levels are drawn once from EDM's log-normal (clipped) and shared by the samples, eps per sample and
+    pair: a subset's outputs then cost J denoiser calls (one patch size each), not one per patch size the
+    n x J draws would touch."""
     g = torch.Generator().manual_seed(seed + 7919)
-    t = torch.exp(P_MEAN + P_STD * torch.randn(n, pairs, generator=g, dtype=torch.float64)).clamp(T_MIN, T_MAX)
-    return t, torch.randn(n, pairs, *shape, generator=g)
+    t = torch.exp(P_MEAN + P_STD * torch.randn(pairs, generator=g, dtype=torch.float64)).clamp(T_MIN, T_MAX)
+    return t.expand(n, pairs).clone(), torch.randn(n, pairs, *shape, generator=g)
 
 
 def edm_weight(t: torch.Tensor) -> torch.Tensor:
@@ -264,8 +268,8 @@ def main():
     torch.set_num_threads(a.threads)
     state = Path(a.state)
     state.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in vars(a).items()
-           if k not in ("json", "threads", "helper", "out", "methods", "regen_samples", "store", "bundle", "k")}
+    per_run = ("json", "threads", "helper", "out", "methods", "regen_samples", "store", "bundle", "k")
+    cfg = {"loss_t": "shared per pair"} | {k: v for k, v in vars(a).items() if k not in per_run}
     cfg_path = state / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg:
         print(f"lds: {state} was made with other settings ({cfg_path}); use another --state", file=sys.stderr)
