@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pspc_index.errors import UserError
 from pspc_index.ingest import read_source
@@ -181,6 +180,17 @@ def save_samples(net: EDMPrecond, shape, path: Path, n: int = 16, seed: int = 0)
                                                               Image.NEAREST).save(path)
 
 
+def progress_line(step: int, steps_here: int, seen: int, elapsed: float, seconds_here: float, loss: float,
+                  budget: float, max_steps: int | None) -> None:
+    """One line on stdout: step, images, loss, speed, and the time left (to --minutes or --max-steps)."""
+    rate = steps_here / max(seconds_here, 1e-9)
+    left = budget - elapsed
+    if max_steps is not None and rate > 0:
+        left = min(left, (max_steps - step) / rate)
+    print(f"train: step {step}, {seen / 1e3:.1f} kimg, loss {loss:.4f}, {rate:.2f} steps/s, "
+          f"{elapsed:.0f} s, {max(left, 0):.0f} s left", flush=True)
+
+
 def network_config(args, shape) -> tuple[UNetConfig, dict | None]:
     """The architecture: the --init checkpoint's (its json document returned too), else the flags'.
     UserError if --init is combined with architecture flags or its images are not `shape` [C, H, W]."""
@@ -310,8 +320,7 @@ def train(args) -> None:
         return elapsed() < args.minutes * 60 and (args.max_steps is None or step < args.max_steps)
 
     start = last_save = time.time()
-    bar = tqdm(total=round(args.minutes * 60), initial=min(round(before), round(args.minutes * 60)), unit="s",
-               desc="train", mininterval=30, file=sys.stdout)
+    step0, last_line = step, 0.0
     with open(csv_path, "w", newline="") as f:
         log = csv.DictWriter(f, ["step", "kimg", "seconds", "loss", "lr"])
         log.writeheader()
@@ -336,8 +345,10 @@ def train(args) -> None:
                 log.writerow(rows[-1])
                 f.flush()
                 acc, acc_n = 0.0, 0
-                bar.set_postfix(step=step, kimg=f"{seen / 1e3:.0f}", loss=f"{rows[-1]['loss']:.4f}")
-                bar.update(min(round(elapsed()), bar.total) - bar.n)
+                if time.time() - last_line >= 30:
+                    progress_line(step, step - step0, seen, elapsed(), time.time() - start, rows[-1]["loss"],
+                                  args.minutes * 60, args.max_steps)
+                    last_line = time.time()
             # 3. the EMA checkpoint and the resume state, every --save-minutes
             if time.time() - last_save >= args.save_minutes * 60:
                 save_network(out, ema, meta(final=False))
@@ -346,7 +357,6 @@ def train(args) -> None:
                                                "gen": gen.get_state(), "rows": rows, "step": step, "seen": seen,
                                                "acc": acc, "acc_n": acc_n, "elapsed": elapsed()})
                 last_save = time.time()
-    bar.close()
     final = meta(final=True)
     final["ema_eval_loss"] = round(eval_loss(ema, images), 5)
     final["denoising_mse"] = denoising_check(ema, images)
