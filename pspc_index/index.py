@@ -372,6 +372,26 @@ def _versions() -> dict:
     return {"faiss": faiss.__version__, "torch": torch.__version__.split("+")[0], "numpy": np.__version__}
 
 
+def threads_for(n: int | None):
+    """A context in which FAISS's OpenMP threads and torch's are n (None: unchanged), restored after."""
+    import contextlib
+
+    import faiss
+
+    @contextlib.contextmanager
+    def scope():
+        before = faiss.omp_get_max_threads(), torch.get_num_threads()
+        if n is not None:
+            faiss.omp_set_num_threads(n)
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(before[0])
+            torch.set_num_threads(before[1])
+    return scope()
+
+
 def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: str = "ivf-pq",
                  xflip: bool = True, nlist: int | None = None, pq_m: int = 32, gpu: bool = False,
                  progress: bool = True, rank: int = 0, world: int = 1, overwrite: bool = False,
@@ -385,8 +405,9 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     With world > 1 (an initialised torch.distributed group, e.g. under torchrun), process `rank` builds
     every world-th index file; the file records are gathered and rank 0 writes the manifest.
     Memory: the block's uint8 windows (N x d bytes, for the duplicate scan), one chunk of float32 training
-    vectors (65,536 x d) and the index being built. threads: FAISS's OpenMP threads and torch's (None: as
-    set, e.g. by OMP_NUM_THREADS; FAISS's default is every core).
+    vectors (65,536 x d) and the index being built. threads: FAISS's OpenMP threads and torch's while the
+    indices are built (`threads_for`, restored after; None: as set, e.g. by OMP_NUM_THREADS, else FAISS
+    takes every core).
     """
     import faiss
     from tqdm import tqdm
@@ -395,11 +416,8 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
 
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
     if stride < 1:
         raise UserError(f"--stride must be >= 1, got {stride}")
     store = ImageStore.open(store_path)
@@ -464,24 +482,25 @@ def build_bundle(store_path, bundle_path, patch_sizes, stride: int = 4, kind: st
     bar = tqdm(total=sum(weight(job[3]) for job in todo), disable=not progress, file=sys.stderr, desc="build",
                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
     total = len(files) + len(todo)
-    for s, by, bx, win in todo:
-        bar.set_postfix_str(f"s={s} block ({by}, {bx}), {len(files)}/{total} indices done")
-        # the block's windows, cut once: distinct ones (entries) with their members, the index over the
-        # entries, then their cell bounds
-        u = block_windows(data, win)
-        offsets, members = block_entries(data, win, u)
-        u = u[members[offsets[:-1]]]
-        index, file_kind, lists = block_index(u, [len(u), u.shape[1], win[0], win[2]], kind, nlist or 0, pq_m, gpu)
-        raw = faiss.serialize_index(index).tobytes()
-        ent = entries_bytes(u, c, win, s, index, file_kind, offsets, members)
-        name = file_name(s, by, bx)
-        _write_atomic(bundle / entries_name(s, by, bx), ent)
-        _write_atomic(bundle / name, raw)
-        files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "nlist": lists,
-                       "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-                       "entries": {"count": len(u), "size": len(ent), "sha256": hashlib.sha256(ent).hexdigest()}}
-        _write_json(journal, {**params, "files": {**done, **files}})
-        bar.update(weight(win))
+    with threads_for(threads):
+        for s, by, bx, win in todo:
+            bar.set_postfix_str(f"s={s} block ({by}, {bx}), {len(files)}/{total} indices done")
+            # the block's windows, cut once: distinct ones (entries) with their members, the index over the
+            # entries, then their cell bounds
+            u = block_windows(data, win)
+            offsets, members = block_entries(data, win, u)
+            u = u[members[offsets[:-1]]]
+            index, file_kind, lists = block_index(u, [len(u), u.shape[1], win[0], win[2]], kind, nlist or 0, pq_m, gpu)
+            raw = faiss.serialize_index(index).tobytes()
+            ent = entries_bytes(u, c, win, s, index, file_kind, offsets, members)
+            name = file_name(s, by, bx)
+            _write_atomic(bundle / entries_name(s, by, bx), ent)
+            _write_atomic(bundle / name, raw)
+            files[name] = {"s": s, "block": [by, bx], "window": list(win), "kind": file_kind, "nlist": lists,
+                           "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                           "entries": {"count": len(u), "size": len(ent), "sha256": hashlib.sha256(ent).hexdigest()}}
+            _write_json(journal, {**params, "files": {**done, **files}})
+            bar.update(weight(win))
     bar.set_postfix_str(f"{total}/{total} indices done")
     bar.close()
     if world > 1:
