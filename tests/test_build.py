@@ -52,3 +52,24 @@ def test_threads_and_progress(tmp_path, capsys):
     assert (den(z, 0.3) - PSPCSquare(data, patch_size=3)(z, 0.3)).abs().max() < 1e-5
     r = CliRunner().invoke(cli, ["build", str(store.path), str(tmp_path / "c"), "--threads", "0"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+
+
+def test_index_files_deflated_and_plain_ones_still_read(tmp_path):
+    import hashlib
+    import json
+    import zlib
+    store = write_store(tmp_path / "s.zarr", np.random.RandomState(3).randint(0, 256, (80, 1, 8, 8)).astype(np.uint8))
+    man = build_bundle(store.path, tmp_path / "b", [3], kind="ivf-pq", nlist=4, pq_m=9, progress=False)
+    assert {rec["codec"] for rec in man["files"].values()} == {"zlib"}
+    data = store.training_set()
+    z = data.get(torch.arange(2)) + 0.2 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    want = RetrievalPSPC(data, open_bundle(tmp_path / "b", store), k=8, patch_size=3)(z, 0.2)
+    # a file as bundles wrote it before the codec (plain, no "codec" in its record) reads the same
+    name = sorted(man["files"])[0]
+    plain = zlib.decompress((tmp_path / "b" / name).read_bytes())
+    (tmp_path / "b" / name).write_bytes(plain)
+    rec = {k: v for k, v in man["files"][name].items() if k != "codec"}
+    man["files"][name] = {**rec, "size": len(plain), "sha256": hashlib.sha256(plain).hexdigest()}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(man))
+    got = RetrievalPSPC(data, open_bundle(tmp_path / "b", store), k=8, patch_size=3)(z, 0.2)
+    assert torch.equal(got, want)
