@@ -83,6 +83,12 @@ def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None =
 
             qlw = denoiser.query_log_w
             per_query = {} if qlw is None else {"log_w": qlw[sel]}
+            if keep is None and type(denoiser) is PSPCSquare:  # the exact path: shares without the maps
+
+                def on_shares(start, a, sel=sel):
+                    shares[sel, start:start + a.shape[1]] += a.cpu()
+                denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_shares=on_shares, **per_query)
+                continue
             denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_weights, **per_query)
         return shares, maps
 

@@ -181,23 +181,26 @@ class PSPCSquare(Denoiser):
             out[sel] = self.patch_mean(z[sel], t[sel.cpu()], int(s), **per_query)
         return out
 
-    def patch_mean(self, z, t, s, on_weights=None, log_w=None):
+    def patch_mean(self, z, t, s, on_weights=None, log_w=None, on_shares=None):
         """The composite of patch size s (s >= max(H, W): the one full-image crop, i.e. D*).
         on_weights(rows, ids [r, n], a [r, n, H, W], window) sees the per-pixel weights a_i[p] of the
-        images ids (attribution; the retrieval path calls it sparsely). log_w [r, N]: per-query log weights
-        of the stored images (`query_exclusions`)."""
+        images ids (attribution; the retrieval path calls it sparsely). on_shares(start, a [r, n]): only
+        the shares of virtual images start..start+n (`square_composite`; the exact path only). log_w
+        [r, N]: per-query log weights of the stored images (`query_exclusions`)."""
         h, w = self.data.shape[1:]
         sh, sw = (h, w) if s >= max(h, w) else (s, s)
         hook = None if on_weights is None else dense_weights_hook(on_weights, len(z), h, w)
         rank, world = self.locations
         if world == 1 or sh == h:
-            return square_composite(z, t, self.data, sh, sw, on_weights=hook, log_w=log_w, dtype=self.dtype)
+            return square_composite(z, t, self.data, sh, sw, on_weights=hook, log_w=log_w, dtype=self.dtype,
+                                    on_shares=on_shares)
         # this process's rows of crop locations; the parts (each over the whole set's coverage) sum to the whole
         from .distributed import all_reduce_sum, split_range
 
         mine = split_range(h - sh + 1, rank, world)
         out = (square_composite(z, t, self.data, sh, sw, rows=(mine.start, mine.stop), on_weights=hook,
-                                log_w=log_w, dtype=self.dtype) if len(mine) else torch.zeros_like(z))
+                                log_w=log_w, dtype=self.dtype, on_shares=on_shares) if len(mine)
+               else torch.zeros_like(z))
         return all_reduce_sum(out)
 
 

@@ -425,7 +425,8 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
                      rows: tuple[int, int] | None = None, coverage: torch.Tensor | None = None,
                      on_weights: Callable[[int, torch.Tensor], None] | None = None,
                      log_w: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                     chunk: int | None = None) -> torch.Tensor:
+                     chunk: int | None = None, on_shares: Callable[[int, torch.Tensor], None] | None = None
+                     ) -> torch.Tensor:
     """PSPC composite (Eq. 11) over every (sh x sw) crop location, exactly: the patch posterior at each
     location over the same-location training patches (flips included when `data.xflip`), averaged per
     pixel over the crops covering it. sh = H and sw = W is the optimal denoiser D* (Eq. 6-7).
@@ -438,6 +439,8 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     query_exclusions=...)`).
     on_weights(start, a [B, n, H, W]) sees the per-pixel weights a_i[p] = (1/#crops covering p)
     sum_{C covers p} w_i(C) of virtual images start..start+n (attribution); sum_i a_i[p] = 1.
+    on_shares(start, a [B, n]) sees only their shares sum_p a_i[p] / HW, without forming the maps:
+    sum_C w_i(C) kappa_C / HW with kappa_C = sum_{p in C} 1/#crops covering p (attribution's shares).
     dtype: the kernel precision (see `patch_posterior`); chunk: keys per chunk (default `keys_per_chunk`).
     """
     sw = sh if sw is None else sw
@@ -464,9 +467,9 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     cov = _coverage(h, w, sh, sw) if coverage is None else coverage
     out = torch.zeros(b, c, h, w, dtype=torch.float64, device=z.device)
     out[:, :, r0:r1 - 1 + sh] = _fold(mean, r1 - 1 + sh - r0, w, sh, sw)
-    if on_weights is not None:
+    if on_weights is not None or on_shares is not None:
         _square_weights(q, t2, stored_key_chunks(u8, sq, KEYS_PER_TILE, lw), lse, mirror, b, data, (r0, r1),
-                        sh, sw, h, w, cov, on_weights, dtype)
+                        sh, sw, h, w, cov, on_weights or on_shares, dtype, shares=on_weights is None)
     return (out / cov.to(out)).to(torch.float32)
 
 
@@ -487,12 +490,16 @@ def _coverage(h: int, w: int, sh: int, sw: int) -> torch.Tensor:
     return F.fold(ones, (h, w), (sh, sw))[0, 0]
 
 
-def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov, on_weights, dtype):
+def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov, on_weights, dtype,
+                    shares: bool = False):
     """Second pass for attribution: per-location weights -> per-pixel weights of the original images
-    (rows :b of q) and of their flips (rows b: at the mirrored locations), both over the merged lse."""
+    (rows :b of q) and of their flips (rows b: at the mirrored locations), both over the merged lse;
+    with `shares` only their sums over the pixels / HW (no per-pixel maps formed)."""
     r0, r1 = rows
     full = torch.cat([lse, lse[mirror]], 1) if data.xflip else lse
     inv_cov = 1 / cov.to(torch.float64)
+    # kappa_C / HW per location: a crop's weight spread over its pixels, each divided by its coverage
+    kappa = F.unfold(inv_cov[None, None, r0:r1 - 1 + sh], (sh, sw)).sum(1)[0].to(q.device) / (h * w)
 
     def per_pixel(wl):  # [P, B, n] location weights -> [B, n, H, W]
         bb, n = wl.shape[1:]
@@ -501,10 +508,15 @@ def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov
         a[:, :, r0:r1 - 1 + sh] = F.fold(cols, (r1 - 1 + sh - r0, w), (sh, sw))
         return (a[:, 0] * inv_cov).reshape(bb, n, h, w)
 
+    def per_image(wl):  # [P, B, n] location weights -> shares [B, n]
+        return torch.einsum("prn,p->rn", wl.to(torch.float64), kappa)
+
+    report = per_image if shares else per_pixel
+
     def hook(start, wts):
-        on_weights(start, per_pixel(wts[:, :b]))
+        on_weights(start, report(wts[:, :b]))
         if data.xflip:
-            on_weights(data.n_stored + start, per_pixel(wts[mirror, b:]))
+            on_weights(data.n_stored + start, report(wts[mirror, b:]))
     posterior_weights_pass(q, t2, chunks, full, hook, dtype)
 
 
