@@ -28,9 +28,10 @@ query z and any entry x of the cell, ||z_C - x_C|| >= ||z_C - mu_C|| - r[L, C] (
 
 Bundle layout: a directory with one `s{s}_b{by}_{bx}.faiss` per (s, block) (the serialised FAISS index,
 deflated: "codec": "zlib" in its record; files without a codec are read as written), its `.npz` of
-entries and cell bounds (deflated), and `manifest.json` (written last), which records both files' sizes and sha256 and per size the
-neighbour distances of the skip predictor (`neighbour_stats`). Files are written under temporary names and
-renamed; a progress journal lets a killed build resume, skipping files whose checksums are recorded.
+entries and cell bounds (deflated), and `manifest.json` (written last), which records both files' sizes
+and sha256 and per size the neighbour distances of the skip predictor (`neighbour_stats`). Files are
+written under temporary names and renamed; a progress journal lets a killed build resume, skipping files
+whose checksums are recorded.
 Bundles of format 1 (before entries) are refused with a line asking for a rebuild.
 """
 from __future__ import annotations
@@ -283,7 +284,8 @@ def entries_bytes(u: np.ndarray, c: int, win, s: int, index, kind: str, offsets:
         centroids = (centroids / len(u)).astype(np.float32)
     radius, lo, hi = cell_bounds(u, c, win, s, cell, centroids)
     # the smallest integer types that hold them (read back as int64 / int32, `Bundle.entries`)
-    small = lambda v, top: v.astype(np.uint16 if top < 2 ** 16 else np.int32 if top < 2 ** 31 else np.int64)  # noqa: E731
+    small = lambda v, top: v.astype(  # noqa: E731
+        np.uint16 if top < 2 ** 16 else np.int32 if top < 2 ** 31 else np.int64)
     return npz_bytes(members=small(members, len(members)), offsets=small(offsets, int(offsets[-1]) + 1),
                      cell=small(cell, len(centroids)),
                      centroids=centroids, radius=radius, lo=lo, hi=hi)

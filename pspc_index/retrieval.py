@@ -509,14 +509,15 @@ class RetrievalPSPC(PSPCSquare):
             # the candidates' mean is within 2 eps of the exact one (certified)
             mean, lse, bound = cand[0], cand[1], torch.nan_to_num(2 * eps, nan=math.inf)
             use = via_tail = torch.zeros_like(bound, dtype=torch.bool)
-            conf = rel_se = torch.full_like(bound, math.nan)
+            conf = rel_se = torch.zeros_like(bound)  # no tail drawn: nothing estimated
             tid = None
             if self.tail == "sample" and int((ids >= 0).sum(1).min()) < blk.alive:  # 3c. the tail
                 tid = self.tail_ids(s, by, bx, self.m)
                 tl = tail_posterior(q, t, crop_keys(self.data, tid, win, s), self.tail_log_w(ids, tid, blk), n, dt)
                 mean, lse, bound, use, via_tail, conf = self.with_tail(cand, tl, bound, eps, low, unscored, log_zs,
                                                                        t.to(z64.device), n)
-                rel_se = tail_rel_se(tl, torch.logaddexp(cand[1], tl[1]), len(tid)) if self.m < n else torch.zeros_like(bound)
+                if self.m < n:
+                    rel_se = tail_rel_se(tl, torch.logaddexp(cand[1], tl[1]), len(tid))
             route = bound > self.tol if self.tol is not None else torch.zeros_like(bound, dtype=torch.bool)
             # 5. routing: certified locations fold in now, the rest after the block loop (exact_pairs)
             keep = ~route
