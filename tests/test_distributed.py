@@ -202,11 +202,11 @@ def test_resume_with_equal_settings_written_differently(store, tmp_path):
     assert res.exit_code == 0, res.output
     attrs = dict(zarr.open_group(str(tmp_path / "run.zarr")).attrs)
     assert attrs["retrieval"]["index_path"] == str((tmp_path / "b").resolve())
-    assert attrs["retrieval"]["tail"] == "sample" and attrs["schedule"] == sched
-    for same in (["--index", tmp_path / "b"], ["--index", "./b/", "--tail", "sample"]):
+    assert attrs["retrieval"]["tail"] == "none" and attrs["schedule"] == sched
+    for same in (["--index", tmp_path / "b"], ["--index", "./b/", "--tail", "none"]):
         res = invoke_in(tmp_path, base + same)
         assert res.exit_code == 0, res.output
-    res = invoke_in(tmp_path, base + ["--index", "b", "--tail", "none"])
+    res = invoke_in(tmp_path, base + ["--index", "b", "--tail", "sample"])
     assert res.exit_code == 2 and "different settings" in res.output, res.output
 
 
