@@ -59,8 +59,8 @@ KEYS_FUSED = 8192
 FUSED_KEY_BYTES = 2 ** 26
 # queries per location below which the GEMM tiles beat the fused kernel: its keys are re-laid row-major per
 # call (a transposing copy of the feature-major cache) whatever the queries, which small batches do not
-# amortise (1 thread, N = 20,000 with flips, s = 3..13: tiles 2.4-3.7x faster at 2 rows, 1.0-1.2x at 32,
-# fused 0.9-1.25x faster at 128 except s = 13; square_composite on Fashion-MNIST, 2026-11-29)
+# amortise (tools/bench_dispatch.py, docs/bench_dispatch.json: tiles 3.1-4.0x faster at 2 rows, 1.0-1.6x at
+# 32; at 128 the fused kernel 1.5x faster at s = 3, the two within 1.3x at s = 5-13)
 FUSED_MIN_ROWS = 64
 # elements of the retrieval path's largest per-block intermediate (its query chunks; estimate_memory)
 CHUNK_ELEMENTS = 2 ** 24
