@@ -111,7 +111,12 @@ def test_tiny_run_resumes_and_refuses_other_settings(tmp_path):
     assert again.returncode == 0 and (tmp_path / "st" / "subset_003.pt").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "st" / "lds.json").read_text())["lds"] == out["lds"]
     other = run("--subsets", "6")
-    assert other.returncode == 2 and "other settings" in other.stderr and other.stderr.count("\n") == 1
+    assert other.returncode == 2 and "subsets 5 (now 6)" in other.stderr and other.stderr.count("\n") == 1
+    moved = tmp_path / "moved"
+    (tmp_path / "st").rename(moved)  # a state folder resumes wherever it lies
+    args[args.index(str(tmp_path / "st"))] = str(moved) + "/"
+    again = run()
+    assert again.returncode == 0 and (moved / "subset_003.pt").stat().st_mtime_ns == stamp
 
 
 def test_retrieval_method_with_a_flat_index_covering_everything_equals_exact(tmp_path):

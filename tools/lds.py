@@ -244,7 +244,7 @@ def claim(lock: Path) -> bool:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", action="store_true", help="print the result as JSON (always written to --out)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (it is always written to --out)")
     p.add_argument("--n-data", type=int, default=60000, help="stored images (the first ones; flips added)")
     p.add_argument("--subsets", type=int, default=64)
     p.add_argument("--samples", type=int, default=32)
@@ -268,11 +268,14 @@ def main():
     torch.set_num_threads(a.threads)
     state = Path(a.state)
     state.mkdir(parents=True, exist_ok=True)
-    per_run = ("json", "threads", "helper", "out", "methods", "regen_samples", "store", "bundle", "k")
+    per_run = ("json", "threads", "helper", "out", "methods", "regen_samples", "store", "bundle", "k", "state")
     cfg = {"loss_t": "shared per pair"} | {k: v for k, v in vars(a).items() if k not in per_run}
     cfg_path = state / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg:
-        print(f"lds: {state} was made with other settings ({cfg_path}); use another --state", file=sys.stderr)
+        old = json.loads(cfg_path.read_text())
+        diff = ", ".join(f"{k} {old.get(k)} (now {cfg.get(k)})" for k in sorted(set(old) | set(cfg))
+                         if old.get(k) != cfg.get(k))
+        print(f"lds: {state} was made with other settings: {diff}; use another --state", file=sys.stderr)
         sys.exit(2)
     cfg_path.write_text(json.dumps(cfg))
     t0 = time.time()
@@ -360,6 +363,8 @@ def main():
     out.write_text(json.dumps(result, indent=1))
     if a.json:
         print(json.dumps(result, indent=1))
+    else:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
