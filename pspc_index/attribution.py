@@ -353,6 +353,23 @@ def load_images(path, shape) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32)).clamp(-1, 1)
 
 
+def check_trajectory_provenance(path, store_sha256: str, exclusion: dict | None) -> None:
+    """UserError if the trajectory at `path` records that it was sampled over another store or exclusion
+    (`sampler.save_samples`' provenance; trajectories written without one are not checked)."""
+    import json
+
+    f = _load_npy(path, "trajectory .npz")
+    if not hasattr(f, "files") or "provenance" not in f.files:
+        return
+    prov = json.loads(str(f["provenance"]))
+    if prov.get("store_sha256") != store_sha256:
+        raise UserError(f"{path} was sampled over another store (sha256 {str(prov.get('store_sha256'))[:12]}...); "
+                        "attribute it with the store it was sampled from")
+    if prov.get("exclusion") != exclusion:
+        raise UserError(f"{path} was sampled with exclusion {prov.get('exclusion')}, not {exclusion}; give "
+                        "attribute the same --exclude / --exclude-label / --label as the sample run")
+
+
 def load_trajectory(path, shape):
     """A `sample --record` trajectory .npz -> (ts [S], z [S, B, C, H, W], denoised [S, B, C, H, W])."""
     f = _load_npy(path, "trajectory .npz")

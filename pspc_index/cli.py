@@ -458,7 +458,8 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     if not zarr_out:
         res = run(den, n, seed, steps=steps, solver=solver, batch=batch, record=record, progress=True)
         x = res[0] if record else res
-        save_samples(out, x, res[1] if record else None)
+        save_samples(out, x, res[1] if record else None,
+                     provenance={"store_sha256": store.sha256, "exclusion": excluded.record()})
         write_grid(png, x)
         write_routing(den, retrieval["report"])
         click.echo(f"wrote {out} ({n} samples, batch {used}) and {png}")
@@ -564,7 +565,10 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
     if retrieval["report"] is not None:
         claim(retrieval["report"], FILE, overwrite)
     store = ImageStore.open(store_path)
-    data = select(store, **exclusion).apply(store.training_set(xflip))
+    excluded = select(store, **exclusion)
+    if traj_path is not None:  # a trajectory attributed over another set would verify against nothing
+        at.check_trajectory_provenance(traj_path, store.sha256, excluded.record())
+    data = excluded.apply(store.training_set(xflip))
     taking_part = data.n_included // (2 if xflip else 1)
     if verify is not None and verify >= taking_part:  # checked before the attribution's passes, not after
         raise UserError(f"--verify {verify}: need M < {taking_part}, the stored images taking part")

@@ -83,12 +83,16 @@ def sample(denoiser, n: int, seed: int, steps: int = 18, solver: str = "euler", 
     return x, traj
 
 
-def save_samples(out, x: torch.Tensor, traj: Trajectory | None = None) -> None:
+def save_samples(out, x: torch.Tensor, traj: Trajectory | None = None, provenance: dict | None = None) -> None:
     """Samples x [N, C, H, W] as float32 .npy at `out` (atomically); a trajectory goes beside it as
-    <stem>.trajectory.npz with arrays ts [S], z and denoised [S, N, C, H, W]."""
+    <stem>.trajectory.npz with arrays ts [S], z and denoised [S, N, C, H, W], and `provenance` (what it
+    was sampled over: store hash, exclusion record) as a JSON string array."""
+    import json
+
     from .outputs import save_npy, save_npz
 
     save_npy(out, x.cpu().numpy().astype(np.float32))
     if traj is not None:
+        extra = {} if provenance is None else {"provenance": np.array(json.dumps(provenance, sort_keys=True))}
         save_npz(str(out)[:-4] + ".trajectory.npz", ts=traj.ts.numpy(), z=traj.z.numpy(),
-                 denoised=traj.denoised.numpy())
+                 denoised=traj.denoised.numpy(), **extra)

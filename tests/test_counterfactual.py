@@ -280,3 +280,21 @@ def test_attribute_verify_text_and_image_query(tmp_path):
     res = run("attribute", "--store", tmp_path / "p.zarr", "--image", tmp_path / "x.npy", "--t", 0.05,
               "--verify", 30)
     assert res.exit_code == 2 and "--verify 30" in res.output
+
+
+def test_attribute_refuses_a_trajectory_sampled_over_another_set(stores, tmp_path):
+    """A recorded trajectory carries the store hash and exclusion of its sample run; attribute accepts the
+    same (in any form) and refuses another exclusion, none, or another store with one line, exit 2."""
+    root, _ = stores
+    out = tmp_path / "s.npy"
+    assert run("sample", "--store", root / "full.zarr", "--n", 2, "--seed", 1, "--steps", 3, "--patch-size", 3,
+               "--out", out, "--record", "--exclude", root / "gone.txt").exit_code == 0
+    traj = tmp_path / "s.trajectory.npz"
+    base = ["attribute", "--trajectory", traj, "--top", 2, "--patch-size", 3]
+    res = run(*base, "--store", root / "full.zarr", "--exclude", root / "gone.npy")
+    assert res.exit_code == 0, res.output
+    for other in (["--store", root / "full.zarr"], ["--store", root / "full.zarr", "--label", 1],
+                  ["--store", root / "ids.zarr"]):
+        res = run(*base, *other)
+        assert res.exit_code == 2 and "was sampled" in res.output, res.output
+        assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
