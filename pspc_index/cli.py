@@ -385,6 +385,8 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
     man = build_bundle(store_path, bundle_path, sizes, stride=stride, kind=kind, xflip=xflip, nlist=nlist,
                        pq_m=pq_m, gpu=gpu, progress=not as_json, rank=rank, world=world, overwrite=overwrite,
                        threads=threads)
+    if world > 1:  # left to interpreter exit, gloo's threads can abort a process that has finished
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return
     nbytes = sum(f["size"] for f in man["files"].values())
