@@ -143,6 +143,18 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     _atomic_file(path, ".npz", lambda tmp: np.savez(tmp, **arrays))
 
 
+def kept(path: str | os.PathLike, compute):
+    """compute() once: its result is saved at `path` (torch.save, atomically) and read back by a rerun, so
+    a long measurement made of such stages continues where a killed run stopped."""
+    import torch
+
+    if Path(path).exists():
+        return torch.load(path, weights_only=False)
+    value = compute()
+    _atomic_file(path, ".pt", lambda tmp: torch.save(value, tmp))
+    return value
+
+
 def save_png(path: str | os.PathLike, image, dpi: int = 100) -> None:
     """Write a PIL image or a matplotlib figure (at `dpi`) as PNG atomically."""
     if hasattr(image, "savefig"):

@@ -193,3 +193,12 @@ def test_a_file_where_a_parent_folder_goes_is_named(setup, verb):
     assert_refused(res)
     assert "notes.txt is not a directory" in res.output and ".tmp-" not in res.output, res.output
     assert (tmp / "notes.txt").read_text() == "mine"
+
+
+def test_kept_computes_once_and_leaves_no_temporary(tmp_path):
+    from pspc_index.outputs import kept
+
+    calls = []
+    value = kept(tmp_path / "a" / "s.pt", lambda: calls.append(1) or {"x": [1, 2]})
+    assert kept(tmp_path / "a" / "s.pt", lambda: calls.append(1) or {"x": []}) == value == {"x": [1, 2]}
+    assert calls == [1] and [p.name for p in (tmp_path / "a").iterdir()] == ["s.pt"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,21 +25,14 @@ import torch
 from pspc_index.attribution import attribute_trajectory, verify_attribution
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.ingest import read_source
+from pspc_index.outputs import kept
 from pspc_index.sampler import initial_noise, pf_ode_sample
 from pspc_index.store import TrainingSet
 
 
 def stage(state: Path | None, name: str, fn):
-    """fn() once; with a state folder its result is kept there (written atomically) for a rerun."""
-    if state is None:
-        return fn()
-    path = state / f"{name}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    v = fn()
-    torch.save(v, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    return v
+    """fn() once; with a state folder its result is kept there for a rerun (outputs.kept)."""
+    return fn() if state is None else kept(state / f"{name}.pt", fn)
 
 
 def main():

@@ -51,6 +51,7 @@ import torch
 from pspc_index.attribution import attribute_trajectory, attribution_maps, stored_shares
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.ingest import read_source
+from pspc_index.outputs import kept
 from pspc_index.posterior import KEYS_PER_TILE, KeyChunk, merge, patch_posterior, square_patches, unfold_u8
 from pspc_index.sampler import initial_noise, pf_ode_sample
 from pspc_index.schedule import T_MAX, T_MIN
@@ -215,17 +216,6 @@ def summary(v: np.ndarray) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 
-def stage(path: Path, fn):
-    """fn() once; its result kept in `path` (torch.save, written atomically) for a rerun."""
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    v = fn()
-    tmp = path.with_suffix(".tmp")
-    torch.save(v, tmp)
-    os.replace(tmp, path)
-    return v
-
-
 def claim(lock: Path) -> bool:
     """Take `lock` for this process: create it, or take it over from a process that is gone."""
     try:
@@ -291,7 +281,7 @@ def main():
         return {"x": x, "ts": traj.ts, "zs": traj.z, "seconds": time.time() - t0}
     while a.helper and not (state / "samples.pt").exists():  # the leading process draws them
         time.sleep(5)
-    st = stage(state / "samples.pt", make_samples)
+    st = kept(state / "samples.pt", make_samples)
     x = st["x"]
     timing["samples"] = st["seconds"]
     # 2. subsets, drawn once
@@ -306,7 +296,7 @@ def main():
         def run(name=name):
             s0 = time.time()
             return {"tau": method_scores(name, data, st, a), "seconds": time.time() - s0}
-        r = stage(state / f"method_{name}.pt", run)
+        r = kept(state / f"method_{name}.pt", run)
         scores[name], timing[f"method {name}"] = r["tau"], r["seconds"]
     # 4. each subset's outputs; processes sharing the state claim subsets one by one
     for k in range(a.subsets):
@@ -323,7 +313,7 @@ def main():
             if (name.startswith("regen") and not a.regen_samples) or (state / f"{name}.pt").exists():
                 continue
             if claim(state / f"{name}.lock"):
-                r = stage(state / f"{name}.pt", fn)
+                r = kept(state / f"{name}.pt", fn)
                 (state / f"{name}.lock").unlink()
                 print(f"{name}: {r['seconds']:.0f} s", file=sys.stderr)
     if a.helper:
