@@ -8,7 +8,6 @@ unpickled.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .network import _stem, _umask
+from .network import _stem, read_checkpoint_meta, read_checkpoint_weights, write_checkpoint
 
 FORMAT = "pspc-index-classifier"
 FORMAT_VERSION = 1
@@ -83,43 +82,22 @@ def feature_cosine(net: Classifier, a: torch.Tensor, b: torch.Tensor, batch: int
 def save_classifier(path: str | os.PathLike, net: Classifier, extra_meta: dict | None = None) -> None:
     """Write `<path>.safetensors` (float32 weights) and `<path>.json` (config, metadata), weights first, each
     under a temporary name and renamed, so the json only appears once its weights are complete."""
-    from safetensors.torch import save_file
-
     stem = _stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(net.config),
            "parameters": sum(p.numel() for p in net.parameters()), "meta": extra_meta or {}}
-    for suffix, write in ((".safetensors", lambda p: save_file(tensors, str(p), metadata={"format": FORMAT})),
-                          (".json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))):
-        final = stem.with_name(stem.name + suffix)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, final)
+    write_checkpoint(stem, tensors, doc, FORMAT)
 
 
 def read_classifier_meta(path: str | os.PathLike) -> dict:
     """The json document of a classifier checkpoint; UserError if missing or not one."""
-    stem = _stem(path)
-    where = stem.with_name(stem.name + ".json")
-    if not where.exists():
-        raise UserError(f"{where}: classifier checkpoint not found")
-    try:
-        doc = json.loads(where.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{where}: not a readable classifier json ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
-        raise UserError(f"{where}: not a {FORMAT} checkpoint json")
-    return doc
+    return read_checkpoint_meta(path, FORMAT, "classifier")
 
 
 def load_classifier(path: str | os.PathLike) -> Classifier:
     """Read a checkpoint written by `save_classifier` as a float32 Classifier in eval mode (CPU); UserError
     if the files are missing, unreadable, or the weights do not match the config."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     doc = read_classifier_meta(path)
     stem = _stem(path)
     unknown = set(doc["config"]) - {f.name for f in fields(ClassifierConfig)}
@@ -129,15 +107,6 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
         net = Classifier(ClassifierConfig(**doc["config"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"{stem}.json: bad classifier config ({e})") from None
-    weights = stem.with_name(stem.name + ".safetensors")
-    if not weights.exists():
-        raise UserError(f"{weights}: classifier weights not found")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
-    expected = net.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
-        raise UserError(f"{weights}: weights do not match the config in {stem}.json")
+    state = read_checkpoint_weights(stem, net.state_dict(), "classifier")
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net.eval()

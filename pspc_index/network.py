@@ -216,15 +216,21 @@ def save_network(path: str | os.PathLike, net: EDMPrecond, extra_meta: dict | No
     Each file is written under a temporary name and renamed, weights first, so the json (which
     names the weights' dtype and parameter count) only appears once its weights are complete.
     """
-    from safetensors.torch import save_file
-
     stem = _stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(net.config),
            "sigma_data": net.sigma_data, "dtype": str(dtype).removeprefix("torch."),
            "parameters": parameter_count(net), "meta": extra_meta or {}}
-    for suffix, write in ((".safetensors", lambda p: save_file(tensors, str(p), metadata={"format": FORMAT})),
+    write_checkpoint(stem, tensors, doc, FORMAT)
+
+
+def write_checkpoint(stem: Path, tensors: dict, doc: dict, fmt: str) -> None:
+    """`<stem>.safetensors` then `<stem>.json`, each under a temporary name and renamed, so the json only
+    appears once its weights are complete (the safetensors + json pair of the network and the classifier)."""
+    from safetensors.torch import save_file
+
+    for suffix, write in ((".safetensors", lambda p: save_file(tensors, str(p), metadata={"format": fmt})),
                           (".json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))):
         final = stem.with_name(stem.name + suffix)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -239,26 +245,51 @@ def _umask() -> int:
     return mask
 
 
-def read_network_meta(path: str | os.PathLike) -> dict:
-    """The json document of a checkpoint (config, sigma_data, training metadata)."""
+def read_checkpoint_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
+    """The json document of a `what` ("network", "classifier") checkpoint of format `fmt`; UserError if
+    missing, unreadable or of another format."""
     stem = _stem(path)
     where = stem.with_name(stem.name + ".json")
     if not where.exists():
-        raise UserError(f"{where}: network checkpoint not found")
+        raise UserError(f"{where}: {what} checkpoint not found")
     try:
         doc = json.loads(where.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{where}: not a readable network json ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
-        raise UserError(f"{where}: not a {FORMAT} checkpoint json")
+        raise UserError(f"{where}: not a readable {what} json ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt or not isinstance(doc.get("config"), dict):
+        raise UserError(f"{where}: not a {fmt} checkpoint json")
     return doc
+
+
+def read_checkpoint_weights(path: str | os.PathLike, expected: dict, what: str) -> dict:
+    """The safetensors state of a checkpoint, checked against a model's `expected` state dict (names and
+    shapes); UserError if missing, unreadable or mismatched."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    stem = _stem(path)
+    weights = stem.with_name(stem.name + ".safetensors")
+    if not weights.exists():
+        raise UserError(f"{weights}: {what} weights not found")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        raise UserError(f"{weights}: weights do not match the config in {stem}.json "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {bad[:3]})")
+    return state
+
+
+def read_network_meta(path: str | os.PathLike) -> dict:
+    """The json document of a checkpoint (config, sigma_data, training metadata)."""
+    return read_checkpoint_meta(path, FORMAT, "network")
 
 
 def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> EDMPrecond:
     """Read a checkpoint written by `save_network` as a float32 EDMPrecond in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     doc = read_network_meta(path)
     stem = _stem(path)
     known = {f.name for f in fields(UNetConfig)}
@@ -269,18 +300,6 @@ def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         net = EDMPrecond(UNetConfig(**doc["config"]), float(doc.get("sigma_data", SIGMA_DATA)))
     except (TypeError, ValueError) as e:
         raise UserError(f"{stem}.json: bad network config ({e})") from None
-    weights = stem.with_name(stem.name + ".safetensors")
-    if not weights.exists():
-        raise UserError(f"{weights}: network weights not found")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
-    expected = net.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        raise UserError(f"{weights}: weights do not match the config in {stem}.json "
-                        f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {bad[:3]})")
+    state = read_checkpoint_weights(stem, net.state_dict(), "network")
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net.to(device).eval()

@@ -45,6 +45,18 @@ def naive_tail(t: float, frac: float, lo: float, hi: float) -> float:
     return (1 - frac) * lognormal + frac * uniform
 
 
+def kill_at_step(monkeypatch, step: int) -> None:
+    """Make training raise KeyboardInterrupt during `step` (its EMA update), as a kill would."""
+    calls, real = [0], td.ema_update
+
+    def dying(*a, **k):
+        calls[0] += 1
+        if calls[0] == step:
+            raise KeyboardInterrupt
+        real(*a, **k)
+    monkeypatch.setattr(td, "ema_update", dying)
+
+
 def test_sigma_lognormal_stream_unchanged():
     """uniform_frac = 0 draws exactly the shipped recipe's exp(randn P_std + P_mean), from the same stream."""
     a = td.sample_sigma(1000, torch.Generator().manual_seed(3))
@@ -86,19 +98,12 @@ def test_killed_run_resumes_bit_for_bit(toy, monkeypatch):
     ft = ("--init", str(toy / "base"), "--uniform-frac", "0.5", "--batch", "4", "--log-every", "2", "--no-bf16",
           "--save-minutes", "0", "--max-steps", "6")
     run(toy, "straight", *ft)
-    calls, real = [0], td.ema_update
-
-    def dying(*a, **k):  # the kill arrives during step 4, after step 3's save
-        calls[0] += 1
-        if calls[0] == 4:
-            raise KeyboardInterrupt
-        real(*a, **k)
-    monkeypatch.setattr(td, "ema_update", dying)
+    kill_at_step(monkeypatch, 4)  # the kill arrives during step 4, after step 3's save
     with pytest.raises(KeyboardInterrupt):
         run(toy, "killed", *ft)
     assert (toy / "killed-resume.pt").exists()
     assert json.loads((toy / "killed.json").read_text())["meta"]["steps"] == 3
-    monkeypatch.setattr(td, "ema_update", real)
+    monkeypatch.undo()
     run(toy, "killed", *ft)
     a, b = weights(toy / "straight"), weights(toy / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -133,14 +138,7 @@ def test_refusals(toy, capsys, args, says):
 
 def test_resume_with_other_settings_refused(toy, capsys, monkeypatch):
     """A resume file written with one --uniform-frac is not continued with another."""
-    calls, real = [0], td.ema_update
-
-    def dying(*a, **k):  # killed during step 2, after step 1's save
-        calls[0] += 1
-        if calls[0] == 2:
-            raise KeyboardInterrupt
-        real(*a, **k)
-    monkeypatch.setattr(td, "ema_update", dying)
+    kill_at_step(monkeypatch, 2)  # killed during step 2, after step 1's save
     with pytest.raises(KeyboardInterrupt):
         run(toy, "k", *TOY, "--max-steps", "4")
     monkeypatch.undo()
