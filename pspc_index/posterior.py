@@ -497,9 +497,9 @@ def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov
     with `shares` only their sums over the pixels / HW (no per-pixel maps formed)."""
     r0, r1 = rows
     full = torch.cat([lse, lse[mirror]], 1) if data.xflip else lse
-    inv_cov = 1 / cov.to(torch.float64)
+    inv_cov = 1 / cov.to(q.device, torch.float64)
     # kappa_C / HW per location: a crop's weight spread over its pixels, each divided by its coverage
-    kappa = F.unfold(inv_cov[None, None, r0:r1 - 1 + sh], (sh, sw)).sum(1)[0].to(q.device) / (h * w)
+    kappa = F.unfold(inv_cov[None, None, r0:r1 - 1 + sh], (sh, sw)).sum(1)[0] / (h * w)
 
     def per_pixel(wl):  # [P, B, n] location weights -> [B, n, H, W]
         bb, n = wl.shape[1:]

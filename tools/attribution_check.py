@@ -46,27 +46,31 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--state", default=None, help="folder of finished stages (resumable)")
+    p.add_argument("--device", default="cpu", help="where the denoiser computes (cpu, cuda)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     state = None if a.state is None else Path(a.state)
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
-        cfg = {k: v for k, v in vars(a).items() if k not in ("json", "threads", "state")}
+        cfg = {k: v for k, v in vars(a).items() if k not in ("json", "threads", "state", "device")}
         cfg_path = state / "config.json"
         if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg:
             print(f"attribution_check: {state} was made with other settings; use another --state", file=sys.stderr)
             sys.exit(2)
         cfg_path.write_text(json.dumps(cfg))
     images = torch.from_numpy(read_source("fashion-mnist").images[:a.n_data].copy())
-    data = TrainingSet(images, xflip=True)
-    z0 = initial_noise(a.seed, range(a.samples), data.shape)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"attribution_check: --device {a.device}: no CUDA device here", file=sys.stderr)
+        sys.exit(2)
+    data = TrainingSet(images, xflip=True).to(a.device)
+    z0 = initial_noise(a.seed, range(a.samples), data.shape)  # drawn on the CPU, the same on every device
     seconds = {}
 
     # 1. samples and their trajectory attributions
     def draw():
         s0 = time.time()
-        x, traj = pf_ode_sample(PSPCSquare(data), z0, a.steps, record=True)
-        return {"x": x, "ts": traj.ts, "zs": traj.z, "seconds": time.time() - s0}
+        x, traj = pf_ode_sample(PSPCSquare(data), z0.to(data.device), a.steps, record=True)
+        return {"x": x.cpu(), "ts": traj.ts, "zs": traj.z, "seconds": time.time() - s0}
     smp = stage(state, "samples", draw)
 
     def attribute():
@@ -100,7 +104,7 @@ def main():
         "top_share_total_median": float(np.median([
             float((att["shares"][j, :a.n_data] + att["shares"][j, a.n_data:])[torch.as_tensor(r["removed"])].sum())
             for j, r in enumerate(rep)])),
-        "seconds": seconds, "threads": a.threads}, indent=1))
+        "seconds": seconds, "threads": a.threads, "device": a.device}, indent=1))
 
 
 if __name__ == "__main__":

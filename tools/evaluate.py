@@ -85,6 +85,17 @@ def summary(per_z: dict) -> dict:
                 r2=r.mean().item(), r2_median=r.median().item())
 
 
+def device_name(dev: torch.device) -> str:
+    """The device a run computes on, in words."""
+    return f"CUDA ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f"CPU ({platform.machine()})"
+
+
+def memory_mib(cost_row: dict) -> str:
+    """A cost row's peak memory in MiB: the GPU's where the call ran on one, else the resident-set increase."""
+    gpu = cost_row.get("gpu_peak_bytes")
+    return f"{gpu / 2 ** 20:.0f} GPU" if gpu is not None else f"{cost_row['peak_bytes'] / 2 ** 20:.0f}"
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -107,6 +118,17 @@ def timed_call(fn):
     done.set()
     th.join()
     return out, sec, max(peak[0], rss_bytes()) - base
+
+
+class Host:
+    """A denoiser on another device, called with CPU tensors and returning CPU tensors (every reference,
+    metric and resumable unit of the evaluation stays on the CPU)."""
+
+    def __init__(self, den):
+        self.den, self.shape = den, den.shape
+
+    def __call__(self, z, t):
+        return self.den(z, t).cpu()
 
 
 class Eval:
@@ -199,37 +221,41 @@ class Eval:
         imgs = read_source("fashion-mnist").images
         keep = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(a.seed))[: a.n_data].sort().values
         self.data = TrainingSet(torch.from_numpy(np.ascontiguousarray(imgs[keep.numpy()])), xflip=True)
+        self.dev = torch.device(a.device)
+        self.ddata = self.data.to(self.dev)  # the denoisers' copy (the same set on the CPU)
         self.maps, self.hts, _ = read_heatmaps("data/heatmaps/fmnist-unet.zarr")
-        self.net = Network(load_network("data/network/fmnist-unet"), (1, H, H))
+        self.net = Host(Network(load_network("data/network/fmnist-unet").to(self.dev), (1, H, H)))
         self.clf_meta = read_classifier_meta(CLASSIFIER)  # checked up front, used by the samples section
         self._dens = {}
         self.res["setup"] = dict(n_stored=len(keep), n_virtual=len(self.data), n_z=a.n_z, n_z_study=a.n_z_study,
                                  n_z_lam=a.n_z_lam, n_rev=a.n_rev, n_samples=a.n_samples, els_images=a.els_images,
                                  batch=a.batch, seed=a.seed, quick=a.quick, threads=torch.get_num_threads(),
+                                 device=device_name(self.dev),
                                  argv=sys.argv[1:], reduced_note=a.reduced_note)
 
     def den(self, name: str):
         """The named denoiser (made on first use: the Gaussian's eigendecomposition takes a while)."""
         if name not in self._dens:
-            make = {"network": lambda: self.net, "optimal": lambda: Empirical(self.data),
-                    "gaussian": lambda: Gaussian(self.data), "cfdm": lambda: CFDM(self.data),
-                    "els": lambda: ELS(self.data, schedule=self.sched, max_images=self.args.els_images,
-                                       seed=self.args.seed),
-                    "pspc-square": lambda: PSPCSquare(self.data, schedule=self.sched),
-                    "pspc-flex": lambda: PSPCFlex(self.data, self.maps, self.hts, schedule=self.sched)}
+            d = self.ddata
+            make = {"optimal": lambda: Empirical(d), "gaussian": lambda: Gaussian(d), "cfdm": lambda: CFDM(d),
+                    "els": lambda: ELS(d, schedule=self.sched, max_images=self.args.els_images, seed=self.args.seed),
+                    "pspc-square": lambda: PSPCSquare(d, schedule=self.sched),
+                    "pspc-flex": lambda: PSPCFlex(d, self.maps, self.hts, schedule=self.sched)}
+            if name == "network":
+                return self.net
             if name.startswith(("square-", "els-m", "flex-lam")):
-                return self.den_extra(name)
-            self._dens[name] = make[name]()
+                return Host(self.den_extra(name))
+            self._dens[name] = Host(make[name]())
         return self._dens[name]
 
     def den_extra(self, name: str):
         """Denoisers of the studies, made per use: square-S (PSPC-Square at fixed S), els-mM (ELS pool M),
         flex-lamL (PSPC-Flex at fixed lambda L)."""
         if name.startswith("square-"):
-            return PSPCSquare(self.data, patch_size=int(name[7:]))
+            return PSPCSquare(self.ddata, patch_size=int(name[7:]))
         if name.startswith("flex-lam"):
-            return PSPCFlex(self.data, self.maps, self.hts, lam=float(name[8:]))
-        return ELS(self.data, schedule=self.sched, max_images=int(name[5:]), seed=self.args.seed)
+            return PSPCFlex(self.ddata, self.maps, self.hts, lam=float(name[8:]))
+        return ELS(self.ddata, schedule=self.sched, max_images=int(name[5:]), seed=self.args.seed)
 
     def row(self, pz: dict, **fields) -> dict:
         """One table row: per denoiser, mean MSE against the network, its standard error over z, mean r^2."""
@@ -252,10 +278,15 @@ class Eval:
             def run(name=name):
                 d = self.den(name)
                 d(z[:1], t)  # warm-up: builds the unfolded-patch caches the timed call then reuses
-                _, sec, mem = timed_call(lambda: d(z, t))
-                return dict(seconds=sec, peak_bytes=float(mem), rss_before=float(rss_bytes()))
+                gpu = self.dev.type == "cuda"
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats(self.dev)
+                _, sec, mem = timed_call(lambda: d(z, t))  # Host returns on the CPU: the call has finished
+                return dict(seconds=sec, peak_bytes=float(mem), rss_before=float(rss_bytes()),
+                            device=device_name(self.dev),
+                            gpu_peak_bytes=float(torch.cuda.max_memory_allocated(self.dev)) if gpu else None)
             rows.append(dict(name=name, **{k: v for k, v in self.unit(f"cost_{name}", run).items() if k != "_s"}))
-            print(f"[cost] {name}: {rows[-1]['seconds']:.2f} s, +{rows[-1]['peak_bytes'] / 2 ** 20:.0f} MiB", flush=True)
+            print(f"[cost] {name}: {rows[-1]['seconds']:.2f} s, {memory_mib(rows[-1])} MiB", flush=True)
         self.res["cost"] = dict(t=t, batch=len(z), rows=rows)
 
     # ------------------------------------------------------------------ shared by forward and reverse
@@ -390,16 +421,17 @@ class Eval:
             idx = (self.small_idx[0], self.small_idx[len(self.small_idx) // 2], self.small_idx[-1], self.big_idx[0])
             for i in idx[1::2] if self.args.quick else idx:
                 t, z = self.forward_z(i, 8)
+                dd, zd = self.ddata, z.to(self.dev)
                 opt = self.den("optimal")(z, t)
-                d_sq = (PSPCSquare(self.data, patch_size=H)(z, t) - opt).abs().max().item()
-                d_fx = (PSPCFlex(self.data, self.maps, self.hts, lam=1.0)(z, t) - opt).abs().max().item()
+                d_sq = (PSPCSquare(dd, patch_size=H)(zd, t).cpu() - opt).abs().max().item()
+                d_fx = (PSPCFlex(dd, self.maps, self.hts, lam=1.0)(zd, t).cpu() - opt).abs().max().item()
                 # lambda = 1 through the mask (composite) path too, not only the lam >= 1 shortcut; on 2 z and
                 # the first 100 images (an identity for any set; the path gathers 784 whole-image masks per key)
                 j = int((self.hts - t).abs().argmin())
                 masks = MaskCrops(flex_masks(self.maps[j], 1.0))
-                sub = self.data.subset(torch.arange(min(100, self.data.n_stored)))
-                d_fm = (composite_mean(z[:2], t, sub, masks) - Empirical(sub)(z[:2], t)).abs().max().item()
-                d_els = (ELS(self.data, k=2 * H - 1)(z, t) - opt).abs().max().item()
+                sub = dd.subset(torch.arange(min(100, dd.n_stored)))
+                d_fm = (composite_mean(zd[:2], t, sub, masks) - Empirical(sub)(zd[:2], t)).abs().max().item()
+                d_els = (ELS(dd, k=2 * H - 1)(zd, t).cpu() - opt).abs().max().item()
                 out.append(dict(t=t, square_sH=d_sq, flex_lam1=d_fx, flex_lam1_masks=d_fm, els_whole=d_els))
             return dict(rows=out)
         self.res["identity"] = self.unit("identity", run)["rows"]
@@ -623,7 +655,7 @@ class Eval:
             k = argv.index("--reduced-note")
             argv[k + 1:k + 2] = ["'...'"]
         L += ["", f"Command: `python tools/evaluate.py {' '.join(argv)}`; torch {torch.__version__}, "
-              f"{st.get('threads')} thread(s), CPU ({platform.machine()}). Forward process: {st.get('n_z')} z per t "
+              f"{st.get('threads')} thread(s), {st.get('device') or f'CPU ({platform.machine()})'}. Forward process: {st.get('n_z')} z per t "
               f"(x uniform over D, z = x + t eps); reverse process: {st.get('n_rev')} network Heun trajectories; "
               f"samples: {st.get('n_samples')} shared-noise Euler samples per denoiser.", "",
               "MSE: mean over the 784 pixels in [-1, 1] units, averaged over z (± is the standard error over z). "
@@ -688,12 +720,13 @@ class Eval:
         b = self.res.get("cost", {}).get("batch", "-")
         L = [f"Averages over the evaluated t ({len(fwd)} forward, {len(rev)} reverse); seconds and peak memory of "
              f"one call at B = {b}, t = {self.res.get('cost', {}).get('t', float('nan')):.4g}, patch caches built "
-             "(peak memory: the largest resident-set increase during the call, sampled every 2 ms).", "",
+             "(peak memory: the largest resident-set increase during the call, sampled every 2 ms; on a GPU the "
+             "peak GPU memory allocated by torch during the call, marked GPU).", "",
              "| denoiser | MSE fwd | r^2 fwd | MSE rev | r^2 rev | s / call | peak memory (MiB) |",
              "|---|---|---|---|---|---|---|"]
         for k in DEN_NAMES + ["network"]:
             c = cost.get(k)
-            mem = f"{c['peak_bytes'] / 2 ** 20:.0f}" if c else "-"
+            mem = memory_mib(c) if c else "-"
             if k == "network":
                 L.append(f"| network (reference) | 0 | 1 | 0 | 1 | {c['seconds']:.3g} | {mem} |" if c else
                          "| network (reference) | 0 | 1 | 0 | 1 | - | - |")
@@ -836,6 +869,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny smoke run (at most 200 images; small defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the denoisers compute (cpu, cuda, cuda:1, ...); "
+                   "references, metrics and the state stay on the CPU")
     p.add_argument("--out", default="docs/")
     p.add_argument("--state", default=None, help="resumable state folder (default <out>/eval_state)")
     p.add_argument("--restart", action="store_true", help="discard a state folder made with other settings")
@@ -856,6 +891,13 @@ def main():
     if small:
         print(f"evaluate: --{small[0].replace('_', '-')} is too small (the tuning halves need >= 2 z, every other "
               "size >= 1)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        print(f"evaluate: --device {a.device} is not available here (cpu, or cuda with a CUDA GPU)", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)

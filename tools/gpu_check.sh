@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 5 minutes on one H200): the exact kernel's tests on CUDA, then the exact
-# engine at full Fashion-MNIST scale (N = 60,000 + flips, B = 64, every s of the schedule) and 64 exact
-# samples, printed as a markdown table for the README. Usage: bash tools/gpu_check.sh
-set -euo pipefail
+# One prepared GPU check (under 5 minutes on one H200), printed as markdown for the README:
+#  1. every denoiser and the attribution paths on CUDA against the CPU float64 path (tests/test_cuda.py);
+#  2. the exact engine at full Fashion-MNIST scale (N = 60,000 + flips, B = 64, every s of the schedule);
+#  3. 64 exact samples (18 Euler steps), recorded;
+#  4. attribution of one of them over its trajectory with the top-6 maps and `--verify 10` (2 random
+#     draws): the API work of `pspc-index attribute --trajectory --top 6 --verify 10 --panel`;
+#  5. the top-10 removal check over 64 samples (tools/attribution_check.py --device cuda).
+# Usage: bash tools/gpu_check.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.cuda.get_device_name(0))"
-python -m pytest -q tests/test_cuda.py tests/test_denoisers.py -x
+python -c "import torch, pspc_index; assert torch.cuda.is_available(), 'no CUDA'
+print('#', torch.cuda.get_device_name(0), '| torch', torch.__version__)" || exit 1
+python -m pytest -q -p no:cacheprovider tests/test_cuda.py || echo "**CUDA TESTS FAILED**"
 python - <<'PY'
 import time, torch
+from pspc_index.attribution import attribute_trajectory, verify_attribution
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.ingest import read_source
-from pspc_index.sampler import sample
+from pspc_index.sampler import initial_noise, pf_ode_sample
 from pspc_index.schedule import default_schedule
 from pspc_index.store import TrainingSet
+
+def clock(fn):
+    torch.cuda.synchronize(); t0 = time.perf_counter(); out = fn(); torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
 
 data = TrainingSet(torch.from_numpy(read_source("fashion-mnist").images.copy())).to("cuda")
 sched = default_schedule(28, 28)
@@ -20,16 +31,25 @@ firsts = {}
 for i, s in enumerate(sched.patch_sizes):
     firsts.setdefault(int(s), float(sched.grid[i]))
 g = torch.Generator().manual_seed(0)
-print("| s | t | cold s | warm s | peak GPU GB |\n|---|---|---|---|---|")
+print("\n| s | t | cold s | warm s | peak GPU GiB |\n|---|---|---|---|---|")
 for s, t in firsts.items():
     z = (data.get(torch.randint(0, len(data), (64,), generator=g).cuda())
          + t * torch.randn(64, 1, 28, 28, generator=g).cuda())
     den = PSPCSquare(data, patch_size=s)
-    torch.cuda.reset_peak_memory_stats(); torch.cuda.synchronize()
-    t0 = time.perf_counter(); den(z, t); torch.cuda.synchronize(); cold = time.perf_counter() - t0
-    t0 = time.perf_counter(); den(z, t); torch.cuda.synchronize(); warm = time.perf_counter() - t0
-    print(f"| {s} | {t:.4g} | {cold:.2f} | {warm:.2f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} |")
-torch.cuda.synchronize(); t0 = time.perf_counter()
-x = sample(PSPCSquare(data), 64, 0, steps=18, batch=64); torch.cuda.synchronize()
-print(f"\n64 exact samples, 18 Euler steps, N = 120,000: {time.perf_counter() - t0:.1f} s (finite: {bool(torch.isfinite(x).all())})")
+    torch.cuda.reset_peak_memory_stats()
+    cold = clock(lambda: den(z, t))[1]
+    warm = clock(lambda: den(z, t))[1]
+    print(f"| {s} | {t:.4g} | {cold:.3f} | {warm:.3f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} |")
+z0 = initial_noise(0, range(64), data.shape).cuda()
+(x, traj), sec = clock(lambda: pf_ode_sample(PSPCSquare(data), z0, 18, record=True))
+print(f"\n64 exact samples, 18 Euler steps, N = 120,000: {sec:.1f} s (finite: {bool(torch.isfinite(x).all())})")
+(_, shares, tm), sec_a = clock(lambda: attribute_trajectory(PSPCSquare(data), traj.ts, traj.z[:, :1], top=6, maps=True))
+(rep, _), sec_v = clock(lambda: verify_attribution(PSPCSquare, data, shares, 10, z0[:1].cpu(), steps=18,
+                                                    original=x[:1].cpu(), draws=2))
+print(f"one sample's trajectory attribution with top-6 maps: {sec_a:.1f} s; --verify 10 (2 random draws): "
+      f"{sec_v:.1f} s; ratio top/random {rep[0]['ratio']:.1f}")
 PY
+python tools/attribution_check.py --device cuda --samples 64 | python -c "import json, sys
+d = json.load(sys.stdin)
+print(f\"\ntop-10 removal over {d['samples']} samples (N = 120,000): median ratio {d['ratio_median']:.1f}, \"
+      f\"{100 * d['fraction_ratio_ge_5']:.0f}% >= 5x; seconds {d['seconds']}\")"
