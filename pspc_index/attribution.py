@@ -85,10 +85,12 @@ def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None =
             per_query = {} if qlw is None else {"log_w": qlw[sel]}
             if keep is None and type(denoiser) is PSPCSquare:  # the exact path: shares without the maps
 
-                def on_shares(start, a, sel=sel):
-                    shares[sel, start:start + a.shape[1]] += a.cpu()
+                def on_shares(ids, a, sel=sel):
+                    shares[sel[:, None], ids.cpu()[None]] += a.cpu()
                 denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_shares=on_shares, **per_query)
                 continue
+            if keep is not None and type(denoiser) is PSPCSquare:  # maps: only the kept images' keys
+                per_query["weight_ids"] = torch.unique(keep[sel] % data.n_stored)
             denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_weights, **per_query)
         return shares, maps
 
@@ -292,13 +294,14 @@ def _show(img: np.ndarray):
     return (img[0], "gray") if img.shape[0] == 1 else (img.transpose(1, 2, 0), None)
 
 
-def attribution_panel(path, query_image, top_images, top_maps, shares, columns=None) -> None:
+def attribution_panel(path, query_image, top_images, top_maps, shares, columns=None, names=None) -> None:
     """PNG: per query a row with the query, the `columns`, then its top-m training images with their maps
     overlaid.
 
     query_image [B, C, H, W] (or [C, H, W]) in [-1, 1]; top_images [B, m, C, H, W] in [-1, 1];
     top_maps [B, m, H, W]; shares [B, m] (titles); columns: optional [(title, images [B, C, H, W] in
-    [-1, 1])] shown after the query (e.g. the output without the top images). Written atomically.
+    [-1, 1])] shown after the query (e.g. the output without the top images); names: optional [B][m]
+    strings above each top image's share (e.g. its store index, `tile_names`). Written atomically.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -322,12 +325,20 @@ def attribution_panel(path, query_image, top_images, top_maps, shares, columns=N
             ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
             mp = maps[r, j]
             ax.imshow(mp, cmap="inferno", alpha=0.55, vmin=0, vmax=max(float(mp.max()), 1e-12))
-            ax.set_title(f"share {sh[r, j]:.2g}", fontsize=8)
+            ax.set_title(("" if names is None else f"{names[r][j]}\n") + f"share {sh[r, j]:.2g}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
     save_png(path, fig)
     plt.close(fig)
+
+
+def tile_names(data, ids: torch.Tensor) -> list[list[str]]:
+    """Panel titles of virtual ids [B, m]: the store index, and "flip" for a mirror image."""
+    def name(i):
+        stored, flipped = data.describe(i)
+        return f"#{stored} flip" if flipped else f"#{stored}"
+    return [[name(i) for i in row] for row in torch.as_tensor(ids).tolist()]
 
 
 def _load_npy(path, what: str) -> np.ndarray:

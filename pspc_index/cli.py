@@ -606,7 +606,8 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
     if checks is not None:
         rep["verify"] = checks
     if panel is not None:
-        at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps, shares.gather(1, tm.ids), columns)
+        at.attribution_panel(panel, query, den.data.get(tm.ids), tm.maps, shares.gather(1, tm.ids), columns,
+                             names=at.tile_names(den.data, tm.ids))
     write_routing(den, retrieval["report"], echo=not as_json)
     if as_json:
         click.echo(json.dumps(rep))

@@ -119,11 +119,10 @@ class CFDM(Denoiser):
 
 
 def dense_weights_hook(on_weights, b: int, h: int, w: int):
-    """The exact engine's on_weights(start, a [B, n, H, W]) in the attribution form
-    on_weights(rows, ids [B, n], a, window) (every query, images start..start+n, the whole image)."""
-    def hook(start, a):
-        ids = torch.arange(start, start + a.shape[1], device=a.device).expand(b, -1)
-        on_weights(slice(0, b), ids, a, (0, h, 0, w))
+    """The exact engine's on_weights(ids [n], a [B, n, H, W]) in the attribution form
+    on_weights(rows, ids [B, n], a, window) (every query, the same virtual ids, the whole image)."""
+    def hook(ids, a):
+        on_weights(slice(0, b), ids.to(a.device).expand(b, -1), a, (0, h, 0, w))
     return hook
 
 
@@ -181,11 +180,12 @@ class PSPCSquare(Denoiser):
             out[sel] = self.patch_mean(z[sel], t[sel.cpu()], int(s), **per_query)
         return out
 
-    def patch_mean(self, z, t, s, on_weights=None, log_w=None, on_shares=None):
+    def patch_mean(self, z, t, s, on_weights=None, log_w=None, on_shares=None, weight_ids=None):
         """The composite of patch size s (s >= max(H, W): the one full-image crop, i.e. D*).
         on_weights(rows, ids [r, n], a [r, n, H, W], window) sees the per-pixel weights a_i[p] of the
-        images ids (attribution; the retrieval path calls it sparsely). on_shares(start, a [r, n]): only
-        the shares of virtual images start..start+n (`square_composite`; the exact path only). log_w
+        images ids (attribution; the retrieval path calls it sparsely). on_shares(ids [n], a [r, n]): only
+        the shares of the virtual images ids (`square_composite`; the exact path only). weight_ids (stored
+        ids [m]): report only these images' weights, at the cost of a pass over their keys. log_w
         [r, N]: per-query log weights of the stored images (`query_exclusions`)."""
         h, w = self.data.shape[1:]
         sh, sw = (h, w) if s >= max(h, w) else (s, s)
@@ -193,14 +193,14 @@ class PSPCSquare(Denoiser):
         rank, world = self.locations
         if world == 1 or sh == h:
             return square_composite(z, t, self.data, sh, sw, on_weights=hook, log_w=log_w, dtype=self.dtype,
-                                    on_shares=on_shares)
+                                    on_shares=on_shares, weight_ids=weight_ids)
         # this process's rows of crop locations; the parts (each over the whole set's coverage) sum to the whole
         from .distributed import all_reduce_sum, split_range
 
         mine = split_range(h - sh + 1, rank, world)
         out = (square_composite(z, t, self.data, sh, sw, rows=(mine.start, mine.stop), on_weights=hook,
-                                log_w=log_w, dtype=self.dtype, on_shares=on_shares) if len(mine)
-               else torch.zeros_like(z))
+                                log_w=log_w, dtype=self.dtype, on_shares=on_shares, weight_ids=weight_ids)
+               if len(mine) else torch.zeros_like(z))
         return all_reduce_sum(out)
 
 

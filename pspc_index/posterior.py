@@ -134,7 +134,8 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     (+inf if none; e.g. the top-k certificate's e^{l_k}) and log sum_i (w_i exp(l_i))^2 (-inf if none;
     the second moment of importance-weighted terms, for a sampled key set's standard error).
     With `lse` given (a second pass, after the first and any merging): instead calls
-    on_weights(start, w [G, b, n]) with each chunk's normalised weights w = exp(l - lse) and returns None.
+    on_weights(start, w [G, b, n]) with each chunk's normalised weights w = exp(l - lse) (float64; a buffer
+    refilled for the next chunk, so valid during the call only) and returns None.
     """
     g, b, d = z.shape
     dev = z.device
@@ -156,17 +157,22 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     # (lmin, sum of squared terms relative to e^{2m}) per row, kept only when asked
     st = torch.stack([torch.full((g, b), math.inf), torch.zeros(g, b)], 2).to(dev, torch.float64) if stats else None
     lse_c = None if lse is None else lse + c
+    weights = None  # pass 2: one buffer for a chunk's weights over every location, refilled per chunk
     for start, ch in chunks():
         n = ch.u.shape[1]
-        # locations per tile, so that a tile's logits and keys stay in cache (pass 2 reports whole chunks)
-        gt = g if lse is not None else max(1, TILE_ELEMENTS // (max(b, d + 3) * n))
+        # locations per tile, so that a tile's logits and keys stay in cache
+        gt = max(1, TILE_ELEMENTS // (max(b, d + 3) * n))
+        if lse is not None and (weights is None or weights.shape[2] < n):
+            weights = torch.empty(g, b, n, dtype=torch.float64, device=dev)
         for g0 in range(0, g, gt):
             sl = slice(g0, min(g0 + gt, g))
             lw = None if ch.log_w is None else ch.log_w[sl] if len(ch.log_w) == g else ch.log_w
             w = _tile(q[sl], ch.u[sl], ch.sq[sl], lw, m[sl], acc[sl], wdt,
                       None if lse is None else lse_c[sl], None if st is None else st[sl])
             if lse is not None:
-                on_weights(start, w)
+                weights[sl, :, :n] = w
+        if lse is not None:
+            on_weights(start, weights[:, :, :n])
     if lse is not None:
         return None
     zsum = acc[..., d]
@@ -425,8 +431,8 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
                      rows: tuple[int, int] | None = None, coverage: torch.Tensor | None = None,
                      on_weights: Callable[[int, torch.Tensor], None] | None = None,
                      log_w: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                     chunk: int | None = None, on_shares: Callable[[int, torch.Tensor], None] | None = None
-                     ) -> torch.Tensor:
+                     chunk: int | None = None, on_shares: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                     weight_ids: torch.Tensor | None = None) -> torch.Tensor:
     """PSPC composite (Eq. 11) over every (sh x sw) crop location, exactly: the patch posterior at each
     location over the same-location training patches (flips included when `data.xflip`), averaged per
     pixel over the crops covering it. sh = H and sw = W is the optimal denoiser D* (Eq. 6-7).
@@ -437,10 +443,13 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     this crop set's). log_w [N] (stored images; flips share their original's): per-image log weights;
     [B, N]: per query and image (counterfactuals of several exclusions in one batch, `PSPCSquare(...,
     query_exclusions=...)`).
-    on_weights(start, a [B, n, H, W]) sees the per-pixel weights a_i[p] = (1/#crops covering p)
-    sum_{C covers p} w_i(C) of virtual images start..start+n (attribution); sum_i a_i[p] = 1.
-    on_shares(start, a [B, n]) sees only their shares sum_p a_i[p] / HW, without forming the maps:
+    on_weights(ids, a [B, n, H, W]) sees the per-pixel weights a_i[p] = (1/#crops covering p)
+    sum_{C covers p} w_i(C) of the virtual images ids (long [n]; attribution); over all calls sum_i a_i[p] = 1.
+    on_shares(ids, a [B, n]) sees only their shares sum_p a_i[p] / HW, without forming the maps:
     sum_C w_i(C) kappa_C / HW with kappa_C = sum_{p in C} 1/#crops covering p (attribution's shares).
+    weight_ids (long [m], stored images): the weights pass streams only these images' keys (and their
+    flips'), normalised by the first pass over all keys: the maps of a few chosen images cost a pass over
+    m keys, not N. None: every image.
     dtype: the kernel precision (see `patch_posterior`); chunk: keys per chunk (default `keys_per_chunk`).
     """
     sw = sh if sw is None else sw
@@ -468,8 +477,11 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     out = torch.zeros(b, c, h, w, dtype=torch.float64, device=z.device)
     out[:, :, r0:r1 - 1 + sh] = _fold(mean, r1 - 1 + sh - r0, w, sh, sw)
     if on_weights is not None or on_shares is not None:
-        _square_weights(q, t2, stored_key_chunks(u8, sq, KEYS_PER_TILE, lw), lse, mirror, b, data, (r0, r1),
-                        sh, sw, h, w, cov, on_weights or on_shares, dtype, shares=on_weights is None)
+        ids = (torch.arange(data.n_stored, device=z.device) if weight_ids is None
+               else torch.as_tensor(weight_ids, dtype=torch.long).to(z.device))
+        keys = (u8, sq, lw) if weight_ids is None else (u8[:, ids], sq[:, ids], None if lw is None else lw[..., ids])
+        _square_weights(q, t2, stored_key_chunks(*keys[:2], KEYS_PER_TILE, keys[2]), lse, mirror, b, data, ids,
+                        (r0, r1), sh, sw, h, w, cov, on_weights or on_shares, dtype, shares=on_weights is None)
     return (out / cov.to(out)).to(torch.float32)
 
 
@@ -490,11 +502,12 @@ def _coverage(h: int, w: int, sh: int, sw: int) -> torch.Tensor:
     return F.fold(ones, (h, w), (sh, sw))[0, 0]
 
 
-def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov, on_weights, dtype,
+def _square_weights(q, t2, chunks, lse, mirror, b, data, ids, rows, sh, sw, h, w, cov, on_weights, dtype,
                     shares: bool = False):
     """Second pass for attribution: per-location weights -> per-pixel weights of the original images
     (rows :b of q) and of their flips (rows b: at the mirrored locations), both over the merged lse;
-    with `shares` only their sums over the pixels / HW (no per-pixel maps formed)."""
+    with `shares` only their sums over the pixels / HW (no per-pixel maps formed). ids [n]: the stored
+    images whose keys `chunks` streams, in order."""
     r0, r1 = rows
     full = torch.cat([lse, lse[mirror]], 1) if data.xflip else lse
     inv_cov = 1 / cov.to(q.device, torch.float64)
@@ -514,9 +527,10 @@ def _square_weights(q, t2, chunks, lse, mirror, b, data, rows, sh, sw, h, w, cov
     report = per_image if shares else per_pixel
 
     def hook(start, wts):
-        on_weights(start, report(wts[:, :b]))
+        part = ids[start:start + wts.shape[2]]
+        on_weights(part, report(wts[:, :b]))
         if data.xflip:
-            on_weights(data.n_stored + start, report(wts[mirror, b:]))
+            on_weights(data.n_stored + part, report(wts[mirror, b:]))
     posterior_weights_pass(q, t2, chunks, full, hook, dtype)
 
 
@@ -586,7 +600,7 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
     """PSPC composite (Eq. 11) over arbitrary crops `masks` (bool [K, H, W], all channels of a chosen
     pixel; PSPC-Flex, Eq. 12): crops are index gathers, masks of equal size run as one batch of groups.
     Every pixel must be covered (MaskCrops checks). z [B, C, H, W], t scalar or [B] -> [B, C, H, W].
-    on_weights(start, a [B, n, H, W]) as in `square_composite` (over the virtual set, flips explicit)."""
+    on_weights(ids, a [B, n, H, W]) as in `square_composite` (over the virtual set, flips explicit)."""
     b, c, h, w = z.shape
     t = _t_column(t, b)
     flat = masks.to(z.device).flatten(1)
@@ -606,7 +620,7 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
                 bb, n = wts.shape[1:]
                 a = torch.zeros(bb, n, h * w, dtype=torch.float64, device=z.device)
                 a.index_add_(2, pix.flatten(), wts.permute(1, 2, 0).repeat_interleave(size, 2))
-                on_weights(start, (a / cov.flatten()).view(bb, n, h, w))
+                on_weights(torch.arange(start, start + n, device=z.device), (a / cov.flatten()).view(bb, n, h, w))
             posterior_weights_pass(q, t, _gathered(z, data, pix, KEYS_PER_TILE)[1], lse, hook, dt)
     return (out.view(b, c, h, w) / cov).to(torch.float32)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pspc_index.attribution import attribute_image, attribution_maps, euler_weights
+from pspc_index.attribution import attribute_image, attribution_maps, euler_weights, tile_names
 from pspc_index.cli import cli
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.store import TrainingSet, write_store
@@ -218,3 +218,8 @@ def test_verify_batched_counterfactuals_equal_one_view_at_a_time(trajectory):
         assert g["removed"] == w["removed"] and g["random_removed"] == w["random_removed"]
         assert g["change_top"] == pytest.approx(w["change_top"], abs=1e-4)
         assert g["change_random"] == pytest.approx(w["change_random"], abs=1e-4)
+
+
+def test_panel_tile_names_give_store_index_and_flip():
+    data = TrainingSet(torch.zeros(5, 1, 4, 4, dtype=torch.uint8))
+    assert tile_names(data, torch.tensor([[0, 7], [9, 4]])) == [["#0", "#2 flip"], ["#4 flip", "#4"]]

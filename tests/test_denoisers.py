@@ -14,7 +14,7 @@ import torch
 from pspc_index.denoisers import CFDM, Empirical, Gaussian, PSPCFlex, PSPCSquare
 from pspc_index.errors import UserError
 from pspc_index.geometry import MaskCrops, SquareCrops, flex_masks
-from pspc_index.posterior import KeyChunk, composite_mean, empirical_mean, patch_posterior
+from pspc_index.posterior import KeyChunk, composite_mean, empirical_mean, patch_posterior, square_composite
 from pspc_index.store import TrainingSet
 
 # composite_mean (float32 default) computes crop logits -||z_C - x_C||^2 / 2t^2 and their log
@@ -269,11 +269,33 @@ def test_composite_pixel_weights_sum_to_one_small_t():
     z, _ = queries(data, t, "random", seed=1)
     sums = torch.zeros(B, 5, 5, dtype=torch.float64)
 
-    def grab(start, a):
+    def grab(ids, a):
         sums.add_(a.sum(1).double())
 
     composite_mean(z, torch.full((B,), t, dtype=torch.float64), data, SquareCrops(5, 5, 1), on_weights=grab)
     assert (sums - 1).abs().max() <= 1e-5, float((sums - 1).abs().max())
+
+
+@pytest.mark.parametrize("excluded", [False, True])
+def test_weights_pass_restricted_to_chosen_images(excluded):
+    """weight_ids: the chosen images' (and their flips') per-pixel weights equal those of the pass over every
+    key, normalised over all keys; nothing else is reported."""
+    g = torch.Generator().manual_seed(7)
+    data = TrainingSet(torch.randint(0, 256, (20, 2, 7, 6), dtype=torch.uint8, generator=g))
+    if excluded:
+        data = data.without([3, 11])
+    z = data.get(torch.arange(3)) + 0.5 * torch.randn(3, 2, 7, 6, generator=g)
+    t = torch.full((3,), 0.5, dtype=torch.float64)
+
+    def grab(into):
+        return lambda ids, a: into.update({int(i): a[:, j].clone() for j, i in enumerate(ids.tolist())})
+    full, part = {}, {}
+    square_composite(z, t, data, 3, on_weights=grab(full), dtype=torch.float64)
+    square_composite(z, t, data, 3, on_weights=grab(part), dtype=torch.float64, weight_ids=torch.tensor([2, 11, 17]))
+    assert sorted(part) == [2, 11, 17, 22, 31, 37]
+    assert max((part[i] - full[i]).abs().max().item() for i in part) <= 1e-12
+    assert (sum(full.values()) - 1).abs().max() <= 1e-9  # every pixel's weights sum to one per query...
+    assert all(part[i].abs().max() == 0 for i in (11, 31)) == excluded  # ...and an excluded image weighs 0
 
 
 def test_composite_float64_matches_naive_small_t():
