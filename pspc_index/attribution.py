@@ -178,20 +178,43 @@ def euler_weights(ts) -> torch.Tensor:
 def attribute_trajectory(denoiser: PSPCSquare, ts, zs: torch.Tensor, top: int = 10, labels=None,
                          maps: bool = False):
     """Attribution of recorded samples: shares of every step (z_i at t_i, zs [S, B, C, H, W]) aggregated
-    with `euler_weights`. With `maps`, the top ids' maps are aggregated the same way (second pass)."""
+    with `euler_weights`. With `maps`, the top ids' maps are aggregated the same way (second evaluation).
+    Steps that use the same patch size run as one batch (`_over_steps`)."""
     zs = torch.as_tensor(zs)
     w = euler_weights(ts)
     if zs.ndim != 5 or zs.shape[0] != len(w):
         raise UserError(f"trajectory z has shape {list(zs.shape)}, expected [{len(w)}, B, C, H, W]")
-    shares = sum(float(wi) * attribution_maps(denoiser, zs[i], float(ts[i]))[0] for i, wi in enumerate(w))
+    shares = _over_steps(denoiser, ts, zs, w, lambda z, t, rows: attribution_maps(denoiser, z, t)[0])
     tm = None
     if maps:
         ids = top_ids(shares, top, denoiser.data)
-        agg = torch.zeros(*ids.shape, *zs.shape[3:], dtype=torch.float64)
-        for i, wi in enumerate(w):
-            agg += float(wi) * attribution_maps(denoiser, zs[i], float(ts[i]), ids=ids)[1].maps
-        tm = TopMaps(ids, agg)
+        tm = TopMaps(ids, _over_steps(denoiser, ts, zs, w, lambda z, t, rows: attribution_maps(
+            denoiser, z, t, ids=ids[rows])[1].maps))
     return ranking(denoiser.data, shares, top, labels), shares, tm
+
+
+def _over_steps(denoiser, ts, zs, w, per_batch, rows_per_call: int = 64) -> torch.Tensor:
+    """sum_i w_i f(z_i, t_i) over the steps of trajectories zs [S, B, ...], f = per_batch(z [r, ...],
+    t [r], query rows [r]) -> [r, ...] (float64). The steps of one patch size are stacked into calls of up
+    to `rows_per_call` queries, each with its own t: a size's keys are then converted once for all its
+    steps, which dominates the cost of small batches (one sample: 2 rows per location with its flip).
+    A denoiser with per-query exclusions (fixed batches) runs step by step."""
+    s_steps, b = zs.shape[:2]
+    t_all = torch.as_tensor(np.asarray(ts), dtype=torch.float64).repeat_interleave(b)  # step-major, as zs
+    z_all, w_all = zs.flatten(0, 1), w.repeat_interleave(b)
+    rows_all = torch.arange(b).repeat(s_steps)
+    if denoiser.query_log_w is not None:
+        groups = [torch.arange(i * b, (i + 1) * b) for i in range(s_steps)]
+    else:
+        sizes = denoiser.sizes(t_all)
+        groups = [sel[j:j + rows_per_call] for s in sizes.unique().tolist()
+                  for sel in [(sizes == s).nonzero().flatten()] for j in range(0, len(sel), rows_per_call)]
+    total = None
+    for sel in groups:
+        part = per_batch(z_all[sel], t_all[sel], rows_all[sel]).to(torch.float64)
+        total = torch.zeros(b, *part.shape[1:], dtype=torch.float64) if total is None else total
+        total.index_add_(0, rows_all[sel], part * w_all[sel].view(-1, *[1] * (part.ndim - 1)))
+    return total
 
 
 def stored_shares(data, shares: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,9 @@ LOGIT_TOL = 1e-6
 # terms below e^EXP_FLOOR of the running max are dropped (exactly 0): exp of far-negative arguments
 # takes the slow underflow path (measured 10x slower per element), and the dropped mass is < n e^-80
 EXP_FLOOR = -80.0
+# images per chunk of `crop_sq_norms` (its int32 temporaries stay a few MB: building them whole for every
+# uncached call page-faulted ~2 GB per call at N = 60,000)
+SQ_NORM_IMAGES = 2048
 # bytes of unfolded uint8 patches kept between calls (`set_patch_cache_budget`)
 DEFAULT_CACHE_BUDGET = 2 * 2 ** 30
 _CACHE_BUDGET = DEFAULT_CACHE_BUDGET
@@ -336,25 +339,63 @@ def unfold_u8(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     view): from the images transposed to [C, H, W, N], every patch feature is a contiguous run of N
     values, so the copy moves whole rows (measured 20-60x faster than copying [N, C, sh, sw] blocks)."""
     n, c, h, w = images.shape
-    gh, gw = h - sh + 1, w - sw + 1
-    t = images.permute(1, 2, 3, 0).contiguous()  # [C, H, W, N]
-    v = t.as_strided((gh, gw, c, sh, sw, n), (w * n, n, h * w * n, w * n, n, 1))
-    return v.reshape(gh * gw, c * sh * sw, n).transpose(1, 2)
+    return _patch_view(images, sh, sw).reshape((h - sh + 1) * (w - sw + 1), c * sh * sw, n).transpose(1, 2)
 
 
-def square_patches(data: TrainingSet, sh: int, sw: int, rows: tuple[int, int] | None = None):
+def _patch_view(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """Every (sh x sw) patch of images [N, C, H, W] as a strided view [H-sh+1, W-sw+1, C, sh, sw, N] of the
+    images transposed to [C, H, W, N] (the one copy made)."""
+    n, c, h, w = images.shape
+    t = images.permute(1, 2, 3, 0).contiguous()
+    return t.as_strided((h - sh + 1, w - sw + 1, c, sh, sw, n), (w * n, n, h * w * n, w * n, n, 1))
+
+
+class StreamedPatches:
+    """The patches [P, N, d] of `unfold_u8(images, sh, sw)` without forming them: [:, ids] (a slice or
+    index tensor of images) unfolds only those images, so a pass that streams its keys in chunks never
+    holds (or page-faults in) all P x N x d bytes. The result is a view of one buffer that the next
+    indexing overwrites: a key stream consumes each chunk before it draws the next."""
+
+    def __init__(self, images: torch.Tensor, sh: int, sw: int):
+        n, c, h, w = images.shape
+        self.images, self.sh, self.sw = images, sh, sw
+        self.shape = ((h - sh + 1) * (w - sw + 1), n, c * sh * sw)
+        self._buf = torch.empty(0, dtype=images.dtype, device=images.device)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        locations, ids = key
+        if locations != slice(None):
+            raise IndexError("streamed patches are indexed [:, images]")
+        imgs = self.images[ids]
+        p, _, d = self.shape
+        n = len(imgs)
+        if self._buf.numel() < p * d * n:  # one allocation for the stream (a fresh one per chunk page-faults)
+            self._buf = torch.empty(p * d * n, dtype=imgs.dtype, device=imgs.device)
+        view = _patch_view(imgs, self.sh, self.sw)
+        out = self._buf[:p * d * n].view(view.shape)
+        out.copy_(view)
+        return out.view(p, d, n).transpose(1, 2)
+
+
+def square_patches(data: TrainingSet, sh: int, sw: int, rows: tuple[int, int] | None = None,
+                   stream: bool = False, build: bool = True):
     """(patches uint8 [P, N, d], sq int32 [P, N]) of the stored images (no flips) for crop locations in
     location rows r0:r1 (all by default); sq = sum (2u - 255)^2 = 255^2 ||x||^2, exact in integers.
-    Kept in a cache (most recently built first out) while within the budget."""
+    Kept in a cache (most recently built first out) while within the budget. With `stream`, patches not
+    in the cache are a `StreamedPatches` (unfolded per key chunk) when they exceed the budget or `build`
+    is False (a small call, for which building them costs as much as its whole pass)."""
     gh = data.shape[1] - sh + 1
     r0, r1 = rows or (0, gh)
     key = (id(data.images), data.images.data_ptr(), tuple(data.images.shape), sh, sw, r0, r1)
     if key in _PATCHES:
         return _PATCHES[key]
     imgs = data.images[:, :, r0:r1 - 1 + sh]
-    u8 = unfold_u8(imgs, sh, sw)
     sq = crop_sq_norms(imgs, sh, sw)
-    nbytes = patch_bytes(u8.shape)
+    streamed = StreamedPatches(imgs, sh, sw)
+    nbytes = patch_bytes(streamed.shape)
+    if stream and (nbytes > _CACHE_BUDGET or not build):
+        return streamed, sq
+    u8 = unfold_u8(imgs, sh, sw)
     if nbytes <= _CACHE_BUDGET:
         while _PATCHES and sum(patch_bytes(p.shape) for p, _ in _PATCHES.values()) + nbytes > _CACHE_BUDGET:
             _PATCHES.pop(next(iter(_PATCHES)))
@@ -366,10 +407,14 @@ def crop_sq_norms(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     """255^2 ||x_C||^2 of every (sh x sw) crop of uint8 images [N, C, H, W] -> int32 [P, N], exactly:
     per-pixel integer squares (2u - 255)^2 summed over channels, box-summed by integer prefix sums (O(1)
     per crop whatever its size) in the [H, W, N] layout, where each step adds contiguous N-vectors."""
-    v = images.permute(1, 2, 3, 0).to(torch.int32) * 2 - 255  # [C, H, W, N]
-    cum = F.pad((v * v).sum(0).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0))  # [H+1, W+1, N]
-    box = cum[sh:, sw:] - cum[:-sh, sw:] - cum[sh:, :-sw] + cum[:-sh, :-sw]
-    return box.reshape(-1, images.shape[0]).to(torch.int32)
+    out = torch.empty((images.shape[2] - sh + 1) * (images.shape[3] - sw + 1), images.shape[0], dtype=torch.int32,
+                      device=images.device)
+    for i in range(0, images.shape[0], SQ_NORM_IMAGES):  # in image chunks: bounded temporaries
+        v = images[i:i + SQ_NORM_IMAGES].permute(1, 2, 3, 0).to(torch.int32) * 2 - 255  # [C, H, W, n]
+        cum = F.pad((v * v).sum(0).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0))  # [H+1, W+1, n]
+        box = cum[sh:, sw:] - cum[:-sh, sw:] - cum[sh:, :-sw] + cum[:-sh, :-sw]
+        out[:, i:i + SQ_NORM_IMAGES] = box.reshape(out.shape[0], -1)
+    return out
 
 
 def patch_bytes(shape) -> int:
@@ -456,10 +501,10 @@ def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: in
     b, c, h, w = z.shape
     gh, gw = h - sh + 1, w - sw + 1
     r0, r1 = rows or (0, gh)
-    u8, sq = square_patches(data, sh, sw, rows)
     log_w = _combine_log_w(log_w, data.log_weights())
     # queries: z and, for the flipped half, flip(z) (its location p holds the mirror of p's flipped keys)
     zz = torch.cat([z, z.flip(-1)]) if data.xflip else z
+    u8, sq = square_patches(data, sh, sw, rows, stream=True, build=len(zz) >= FUSED_MIN_ROWS)
     q = unfold_u8(zz[:, :, r0:r1 - 1 + sh].to(torch.float64), sh, sw)  # [P, B or 2B, d]
     t2 = torch.cat([t, t]) if data.xflip else t
     dtype = dtype or logit_dtype(q, t2, q.shape[-1], _finite_max_abs(log_w))

@@ -6,10 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pspc_index.attribution import attribute_image, attribution_maps, euler_weights, tile_names
+from pspc_index.attribution import (_over_steps, attribute_image, attribute_trajectory, attribution_maps,
+                                   euler_weights, tile_names)
 from pspc_index.cli import cli
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.store import TrainingSet, write_store
+from pspc_index.sampler import initial_noise, pf_ode_sample
 
 
 def tiny(n=8, seed=0, xflip=True):
@@ -223,3 +225,24 @@ def test_verify_batched_counterfactuals_equal_one_view_at_a_time(trajectory):
 def test_panel_tile_names_give_store_index_and_flip():
     data = TrainingSet(torch.zeros(5, 1, 4, 4, dtype=torch.uint8))
     assert tile_names(data, torch.tensor([[0, 7], [9, 4]])) == [["#0", "#2 flip"], ["#4 flip", "#4"]]
+
+
+@pytest.mark.parametrize("excluding", [False, True])
+def test_trajectory_attribution_batched_by_size_equals_the_per_step_sum(excluding):
+    """Steps of one patch size run as one batch (any chunking); the result is the per-step sum of shares
+    and maps weighted by euler_weights. A denoiser with per-query exclusions runs step by step."""
+    g = torch.Generator().manual_seed(3)
+    data = TrainingSet(torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=g))
+    den = PSPCSquare(data, dtype=torch.float64)
+    if excluding:
+        den.exclude_per_query(torch.rand(3, 12, generator=g) < 0.3)
+    _, traj = pf_ode_sample(den, initial_noise(0, range(3), data.shape), 8, record=True)
+    assert len(den.sizes(traj.ts).unique()) > 2  # several patch sizes along the trajectory
+    _, shares, tm = attribute_trajectory(den, traj.ts, traj.z, top=2, maps=True)
+    w = euler_weights(traj.ts)
+    want = sum(float(w[i]) * attribution_maps(den, traj.z[i], float(traj.ts[i]))[0] for i in range(len(w)))
+    want_maps = sum(float(w[i]) * attribution_maps(den, traj.z[i], float(traj.ts[i]), ids=tm.ids)[1].maps
+                    for i in range(len(w)))
+    assert (shares - want).abs().max() <= 1e-12 and (tm.maps - want_maps).abs().max() <= 1e-12
+    one = lambda z, t, rows: attribution_maps(den, z, t)[0]  # noqa: E731
+    assert (_over_steps(den, traj.ts, traj.z, w, one, rows_per_call=2) - want).abs().max() <= 1e-12

@@ -746,3 +746,29 @@ def test_class_conditional_view_streams_only_its_images():
     assert torch.allclose(total.sum(1), torch.full((B,), 7.0 * 6.0), atol=1e-3)
     gone = [i for i in range(len(full)) if i % N not in keep]
     assert total[:, gone].abs().max() == 0
+
+
+def test_streamed_patches_equal_cached_ones():
+    """Patches not in the cache (beyond its budget, or for a call of few queries) are unfolded per key chunk
+    (StreamedPatches): the same outputs and attribution weights as from the cached array, with exclusions
+    and the skip of excluded keys."""
+    from pspc_index.attribution import attribution_maps
+    from pspc_index.posterior import DEFAULT_CACHE_BUDGET, StreamedPatches, set_patch_cache_budget, square_patches
+    g = torch.Generator().manual_seed(11)
+    data = TrainingSet(torch.randint(0, 256, (40, 2, 7, 6), dtype=torch.uint8, generator=g)).without(range(0, 40, 3))
+    z = data.get(torch.arange(4)) + 0.4 * torch.randn(4, 2, 7, 6, generator=g)
+    runs = []
+    for budget in (DEFAULT_CACHE_BUDGET, 0):
+        set_patch_cache_budget(budget)
+        try:
+            cached = square_patches(data, 3, 3)[0]  # builds (and, within the budget, caches) the array
+            assert isinstance(cached, torch.Tensor)
+            assert isinstance(square_patches(data, 3, 3, stream=True, build=False)[0],
+                              torch.Tensor if budget else StreamedPatches)
+            den = PSPCSquare(data, patch_size=3, dtype=torch.float64)
+            runs.append((den(z, 0.4), *attribution_maps(den, z, 0.4, top=3)))
+        finally:
+            set_patch_cache_budget(DEFAULT_CACHE_BUDGET)
+    (out_a, sh_a, tm_a), (out_b, sh_b, tm_b) = runs
+    assert (out_a - out_b).abs().max() <= 1e-6 and (sh_a - sh_b).abs().max() <= 1e-12
+    assert torch.equal(tm_a.ids, tm_b.ids) and (tm_a.maps - tm_b.maps).abs().max() <= 1e-12
