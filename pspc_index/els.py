@@ -136,7 +136,7 @@ def calibrate_k(network, data: TrainingSet, ts, ks, n_z: int = 16, max_images: i
         # 1. forward-process queries and the network's outputs
         g = torch.Generator().manual_seed(seed * 1000 + i)
         x = data.get(torch.randint(0, len(data), (n_z,), generator=g))
-        z = x + t * torch.randn(x.shape, generator=g)
+        z = x + t * torch.randn(x.shape, generator=g).to(x.device)  # drawn on the CPU: the same z on any device
         ref = network(z, t)
         # 2. ELS at every candidate k; median similarity over the z
         r2, cos = {}, {}

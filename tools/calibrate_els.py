@@ -35,6 +35,8 @@ def main():
     p.add_argument("--boundary", choices=["broken", "circular"], default="broken")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--network", default="data/network/fmnist-unet", help="checkpoint stem of the network")
+    p.add_argument("--device", default="cpu", help="where the network and ELS compute (cpu, cuda)")
     p.add_argument("--quick", action="store_true", help="4 grid t, k in 3,7,55, 4 z, 20-image pool")
     p.add_argument("--json", action="store_true", help="print the JSON report (else a table)")
     a = p.parse_args()
@@ -43,13 +45,17 @@ def main():
     idx = list(range(FASHION_MNIST.steps))
     if a.quick:
         idx, ks, a.n_z, a.els_images = [0, 8, 12, 17], [3, 7, 55], 4, 20
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"calibrate_els: --device {a.device}: no CUDA device here", file=sys.stderr)
+        sys.exit(2)
     data = TrainingSet(torch.from_numpy(np.ascontiguousarray(read_source("fashion-mnist").images)), xflip=True)
-    net = Network(load_network("data/network/fmnist-unet"), data.shape)
+    data = data.to(a.device)
+    net = Network(load_network(a.network).to(a.device), data.shape)
     t0 = time.time()
     rows = calibrate_k(net, data, FASHION_MNIST.grid[idx], ks, a.n_z, a.els_images, a.seed, a.boundary)
     for i, r in zip(idx, rows):
         r["grid_index"] = i
-    out = dict(network="data/network/fmnist-unet", similarity="median over z of per-image r^2 against the network",
+    out = dict(network=a.network, device=a.device, similarity="median over z of per-image r^2 against the network",
                ks=ks, n_z=a.n_z, els_images=a.els_images, boundary=a.boundary, seed=a.seed, threads=a.threads,
                seconds=round(time.time() - t0, 1), rows=rows,
                els_sizes=[r["k"] for r in rows] if len(rows) == FASHION_MNIST.steps else None)

@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=64, help="z per backward pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda); the draws stay on the CPU")
     ap.add_argument("--no-xflip", action="store_true", help="draw x from the stored images only")
     ap.add_argument("--out", default="data/heatmaps/fmnist-unet.zarr")
     ap.add_argument("--plot", default="docs/heatmap_concentration.png")
@@ -42,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    net = load_network(args.network).requires_grad_(False)  # only input gradients are needed
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here")
+    net = load_network(args.network).requires_grad_(False).to(args.device)  # only input gradients are needed
     source = read_source(args.data)
     data = TrainingSet(torch.from_numpy(source.images), xflip=not args.no_xflip)
     schedule = get_schedule(args.schedule, *data.shape[1:])
