@@ -336,7 +336,8 @@ def attribution_panel(path, query_image, top_images, top_maps, shares, columns=N
     imgs, maps, sh = np.asarray(top_images), np.asarray(top_maps), np.asarray(shares)
     b, m = maps.shape[:2]
     k = len(extra)
-    fig, axes = plt.subplots(b, m + k, figsize=(1.6 * (m + k), 1.8 * b), squeeze=False)
+    # two-line titles (names) need more room between rows than tight_layout finds in 1.8 inches
+    fig, axes = plt.subplots(b, m + k, figsize=(1.6 * (m + k), (1.8 if names is None else 2.2) * b), squeeze=False)
     for r in range(b):
         for j, (title, v) in enumerate(extra):
             im, cmap = _show(v[r])
@@ -400,8 +401,23 @@ def check_trajectory_provenance(path, store_sha256: str, exclusion: dict | None)
         raise UserError(f"{path} was sampled over another store (sha256 {str(prov.get('store_sha256'))[:12]}...); "
                         "attribute it with the store it was sampled from")
     if prov.get("exclusion") != exclusion:
-        raise UserError(f"{path} was sampled with exclusion {prov.get('exclusion')}, not {exclusion}; give "
-                        "attribute the same --exclude / --exclude-label / --label as the sample run")
+        raise UserError(f"{path} was sampled with {exclusion_text(prov.get('exclusion'))}, this run has "
+                        f"{exclusion_text(exclusion)}; give attribute the same --exclude / --exclude-label / "
+                        "--label as the sample run")
+
+
+def exclusion_text(record: dict | None) -> str:
+    """A run's exclusion record (`counterfactual.Exclusion.record`) in words."""
+    if not record:
+        return "no exclusion"
+    parts = []
+    if record.get("count"):
+        parts.append(f"{record['count']} excluded images (ids sha256 {str(record.get('sha256'))[:12]}...)")
+    if record.get("exclude_labels"):
+        parts.append("labels " + ", ".join(map(str, record["exclude_labels"])) + " excluded")
+    if record.get("label") is not None:
+        parts.append(f"only label {record['label']}")
+    return "; ".join(parts) or "no exclusion"
 
 
 def load_trajectory(path, shape):

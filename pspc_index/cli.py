@@ -638,7 +638,19 @@ def label_text(entry: dict) -> str:
 
 
 def main():
-    cli(prog_name="pspc-index")
+    """The console entry point: click's own usage errors (an unknown option, 'ten' for an integer) become
+    one line on stderr and exit 2 like every other bad input, instead of click's usage block."""
+    try:
+        rc = cli.main(prog_name="pspc-index", standalone_mode=False)
+    except click.UsageError as e:
+        hint = f" (pspc-index {e.ctx.command_path.split(' ', 1)[1]} --help)" if e.ctx and " " in e.ctx.command_path else ""
+        fail(e.format_message().splitlines()[0] + hint)
+    except click.ClickException as e:
+        fail(e.format_message().splitlines()[0])
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

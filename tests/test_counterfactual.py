@@ -174,7 +174,8 @@ def test_resume_refuses_a_different_exclusion(stores, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing", "text", "float-npy", "range", "negative", "label-unknown",
-                                  "label-name", "no-labels", "exclude-label-no-labels", "everything", "network"])
+                                  "label-name", "no-labels", "exclude-label-no-labels", "everything", "network",
+                                  "empty-text", "empty-npy"])
 @pytest.mark.parametrize("verb", ["denoise", "sample", "attribute"])
 def test_bad_exclusion_one_line_exit_2(stores, tmp_path, case, verb):
     root, _ = stores
@@ -182,6 +183,8 @@ def test_bad_exclusion_one_line_exit_2(stores, tmp_path, case, verb):
     (tmp_path / "range.txt").write_text(f"{N}\n")
     (tmp_path / "neg.txt").write_text("-1\n")
     np.save(tmp_path / "f.npy", np.array([1.5]))
+    (tmp_path / "empty.txt").write_text("\n")
+    np.save(tmp_path / "empty.npy", np.zeros(0, np.int64))
     np.save(tmp_path / "z.npy", np.zeros((1, *SHAPE), np.float32))
     store = root / ("plain.zarr" if case in ("no-labels", "exclude-label-no-labels") else "full.zarr")
     opts = {"missing": ["--exclude", tmp_path / "none.txt"], "text": ["--exclude", tmp_path / "text.txt"],
@@ -189,7 +192,8 @@ def test_bad_exclusion_one_line_exit_2(stores, tmp_path, case, verb):
             "negative": ["--exclude", tmp_path / "neg.txt"], "label-unknown": ["--label", 7],
             "label-name": ["--exclude-label", "zebra"], "no-labels": ["--label", 1],
             "exclude-label-no-labels": ["--exclude-label", 1], "everything": ["--exclude-label", "0,1", "--label", 1],
-            "network": ["--exclude", root / "gone.txt", "--denoiser", "network"]}[case]
+            "network": ["--exclude", root / "gone.txt", "--denoiser", "network"],
+            "empty-text": ["--exclude", tmp_path / "empty.txt"], "empty-npy": ["--exclude", tmp_path / "empty.npy"]}[case]
     if case == "network" and verb == "attribute":
         pytest.skip("attribute has no --denoiser (PSPC-Square only)")
     out = tmp_path / ("out.npy" if verb != "attribute" else "p.png")
@@ -298,3 +302,17 @@ def test_attribute_refuses_a_trajectory_sampled_over_another_set(stores, tmp_pat
         res = run(*base, *other)
         assert res.exit_code == 2 and "was sampled" in res.output, res.output
         assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    res = run(*base, "--store", root / "full.zarr")  # the exclusions in words, not as records
+    assert "excluded images" in res.output and "this run has no exclusion" in res.output, res.output
+
+
+def test_console_usage_errors_are_one_line_exit_2():
+    """The entry point turns click's usage errors (an integer option given text, an unknown option) into one
+    line on stderr and exit 2, as every other bad input."""
+    import subprocess
+    import sys
+    for args in (["sample", "--n", "ten", "--store", "x.zarr", "--out", "o.npy"], ["--bogus"]):
+        res = subprocess.run([sys.executable, "-m", "pspc_index.cli", *args], capture_output=True, text=True)
+        assert res.returncode == 2 and res.stdout == "", res
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pspc-index: error:"), res.stderr
