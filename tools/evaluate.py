@@ -47,6 +47,7 @@ SECTIONS = ("cost", "forward", "identity", "reverse", "els_subset", "samples")
 H = 28
 MID = (0.3, 3.5)  # the middle t range of verdicts (ii), (iii), (vi)
 TUNED_NAME = "fashion-mnist-tuned"
+NETWORK, HEATMAPS = "data/network/fmnist-unet", "data/heatmaps/fmnist-unet.zarr"  # the reference and its maps
 CLASSIFIER = "data/classifier/fmnist-cnn"  # penultimate-layer features: the SSCD stand-in of section 4
 # Settings a state folder may change between runs: every unit is keyed by its index range (or lambda) and every
 # z, noise and trajectory is drawn from its own index, so a larger count reuses the finished units. STATE_VERSION
@@ -156,11 +157,13 @@ class Eval:
         stderr, exit 2 (unless --restart, which discards the folder)."""
         a = self.args
         fixed = dict(version=STATE_VERSION, n_data=a.n_data, els_images=a.els_images, batch=a.batch, seed=a.seed,
-                     quick=a.quick)
+                     quick=a.quick, network=a.network, heatmaps=a.heatmaps)
+        defaults = dict(network=NETWORK, heatmaps=HEATMAPS)  # states written before these were settings
         rec = self.state / "config.json"
         if rec.exists():
             old = json.loads(rec.read_text()).get("fixed", {})
-            differ = [f"{k} {old.get(k)} -> {v}" for k, v in fixed.items() if old.get(k) != v]
+            differ = [f"{k} {old.get(k, defaults.get(k))} -> {v}" for k, v in fixed.items()
+                      if old.get(k, defaults.get(k)) != v]
             if differ and not a.restart:
                 print(f"evaluate: {self.state} holds a run with other settings ({', '.join(differ)}); only "
                       f"{', '.join('--' + c.replace('_', '-') for c in CHANGEABLE)} may change: use another "
@@ -223,8 +226,8 @@ class Eval:
         self.data = TrainingSet(torch.from_numpy(np.ascontiguousarray(imgs[keep.numpy()])), xflip=True)
         self.dev = torch.device(a.device)
         self.ddata = self.data.to(self.dev)  # the denoisers' copy (the same set on the CPU)
-        self.maps, self.hts, _ = read_heatmaps("data/heatmaps/fmnist-unet.zarr")
-        self.net = Host(Network(load_network("data/network/fmnist-unet").to(self.dev), (1, H, H)))
+        self.maps, self.hts, _ = read_heatmaps(a.heatmaps)
+        self.net = Host(Network(load_network(a.network).to(self.dev), (1, H, H)))
         self.clf_meta = read_classifier_meta(CLASSIFIER)  # checked up front, used by the samples section
         self._dens = {}
         self.res["setup"] = dict(n_stored=len(keep), n_virtual=len(self.data), n_z=a.n_z, n_z_study=a.n_z_study,
@@ -661,7 +664,7 @@ class Eval:
               "MSE: mean over the 784 pixels in [-1, 1] units, averaged over z (± is the standard error over z). "
               "r^2: coefficient of determination of a denoiser's output against the network's, per image over its "
               "784 pixels, r^2 = 1 - sum_p (D_p - N_p)^2 / sum_p (N_p - mean_p N)^2 (SSE over SST of the network "
-              "output about its own pixel mean), averaged over z. Network = the shipped `data/network/fmnist-unet` "
+              "output about its own pixel mean), averaged over z. Network = `" + self.args.network + "` "
               "(EDM-preconditioned U-Net, zero padding). PSPC-Square uses the shipped FASHION_MNIST schedule s(t); "
               "PSPC-Flex the shipped heatmaps with the schedule's lambda(t); where s(t) = 28 or lambda(t) = 1 both "
               "are the optimal denoiser and its numbers are reused. CFDM: sigma_s = 0.1, M = 16. ELS: Kamb & "
@@ -869,6 +872,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny smoke run (at most 200 images; small defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--network", default=NETWORK, help="the reference network's checkpoint stem")
+    p.add_argument("--heatmaps", default=HEATMAPS, help="PSPC-Flex's heatmaps (of that network)")
     p.add_argument("--device", default="cpu", help="where the denoisers compute (cpu, cuda, cuda:1, ...); "
                    "references, metrics and the state stay on the CPU")
     p.add_argument("--out", default="docs/")
