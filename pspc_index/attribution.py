@@ -83,13 +83,13 @@ def attribution_maps(denoiser: PSPCSquare, z: torch.Tensor, t, top: int | None =
 
             qlw = denoiser.query_log_w
             per_query = {} if qlw is None else {"log_w": qlw[sel]}
-            if keep is None and type(denoiser) is PSPCSquare:  # the exact path: shares without the maps
+            if type(denoiser) is PSPCSquare:  # the exact path: shares without maps, maps of the kept keys only
+                if keep is None:
 
-                def on_shares(ids, a, sel=sel):
-                    shares[sel[:, None], ids.cpu()[None]] += a.cpu()
-                denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_shares=on_shares, **per_query)
-                continue
-            if keep is not None and type(denoiser) is PSPCSquare:  # maps: only the kept images' keys
+                    def on_shares(ids, a, sel=sel):
+                        shares[sel[:, None], ids.cpu()[None]] += a.cpu()
+                    denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_shares=on_shares, **per_query)
+                    continue
                 per_query["weight_ids"] = torch.unique(keep[sel] % data.n_stored)
             denoiser.patch_mean(z[sel.to(z.device)], tt[sel], int(s), on_weights, **per_query)
         return shares, maps

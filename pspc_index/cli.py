@@ -10,7 +10,7 @@ import click
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, check_device
 from .index import KINDS
 from .outputs import FILE, claim, save_npy, start_demo_dir, write_grid
 
@@ -36,14 +36,6 @@ def user_errors(f):
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             fail(f"{e.filename}: {e.strerror}")
     return wrapper
-
-
-def check_device(device) -> None:
-    """The one check before any CUDA use: --device cuda on a machine (or a torch build) without CUDA is
-    refused with one line, not torch's AssertionError."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available (no GPU, or torch built without CUDA); "
-                        "use --device cpu")
 
 
 def resolve_tol(tol: float | None, default: float | None) -> float | None:

@@ -61,23 +61,22 @@ def read_ids(path: str | os.PathLike) -> np.ndarray:
             raise UserError(f"{path}: not a readable .npy array ({type(e).__name__})") from None
         if ids.dtype.kind not in "iu":
             raise UserError(f"{path}: exclude indices must be integers, got {ids.dtype}")
-        if ids.size == 0:
-            raise UserError(f"{path}: holds no store index (to exclude nothing, leave out --exclude)")
-        return ids.astype(np.int64).reshape(-1)
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable text file ({type(e).__name__})") from None
-    ids = []
-    for no, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                ids.append(int(line.strip()))
-            except ValueError:
-                raise UserError(f"{path}:{no}: not an integer store index: {line.strip()[:40]!r}") from None
-    if not ids:  # an empty list is more likely a failed script than a wish to exclude nothing
+    else:
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a readable text file ({type(e).__name__})") from None
+        ids = []
+        for no, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    ids.append(int(line.strip()))
+                except ValueError:
+                    raise UserError(f"{path}:{no}: not an integer store index: {line.strip()[:40]!r}") from None
+        ids = np.asarray(ids, np.int64)
+    if ids.size == 0:  # an empty list is more likely a failed script than a wish to exclude nothing
         raise UserError(f"{path}: holds no store index (to exclude nothing, leave out --exclude)")
-    return np.asarray(ids, np.int64)
+    return ids.astype(np.int64).reshape(-1)
 
 
 def resolve_label(store: ImageStore, label: int | str, option: str = "label") -> int:

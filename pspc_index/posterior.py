@@ -381,26 +381,36 @@ def square_patches(data: TrainingSet, sh: int, sw: int, rows: tuple[int, int] | 
                    stream: bool = False, build: bool = True):
     """(patches uint8 [P, N, d], sq int32 [P, N]) of the stored images (no flips) for crop locations in
     location rows r0:r1 (all by default); sq = sum (2u - 255)^2 = 255^2 ||x||^2, exact in integers.
-    Kept in a cache (most recently built first out) while within the budget. With `stream`, patches not
-    in the cache are a `StreamedPatches` (unfolded per key chunk) when they exceed the budget or `build`
-    is False (a small call, for which building them costs as much as its whole pass)."""
+    Kept in a cache (oldest out first) while within the budget. With `stream`, patches not in the cache
+    are a `StreamedPatches` (unfolded per key chunk) when they exceed the budget or `build` is False (a
+    small call, for which building them costs as much as its whole pass); their norms are cached alone."""
     gh = data.shape[1] - sh + 1
     r0, r1 = rows or (0, gh)
     key = (id(data.images), data.images.data_ptr(), tuple(data.images.shape), sh, sw, r0, r1)
-    if key in _PATCHES:
-        return _PATCHES[key]
+    u8, sq = _PATCHES.get(key, (None, None))
+    if u8 is not None:
+        return u8, sq
     imgs = data.images[:, :, r0:r1 - 1 + sh]
-    sq = crop_sq_norms(imgs, sh, sw)
+    sq = crop_sq_norms(imgs, sh, sw) if sq is None else sq
     streamed = StreamedPatches(imgs, sh, sw)
-    nbytes = patch_bytes(streamed.shape)
-    if stream and (nbytes > _CACHE_BUDGET or not build):
+    if stream and (patch_bytes(streamed.shape) > _CACHE_BUDGET or not build):
+        _keep(key, None, sq)
         return streamed, sq
     u8 = unfold_u8(imgs, sh, sw)
-    if nbytes <= _CACHE_BUDGET:
-        while _PATCHES and sum(patch_bytes(p.shape) for p, _ in _PATCHES.values()) + nbytes > _CACHE_BUDGET:
-            _PATCHES.pop(next(iter(_PATCHES)))
-        _PATCHES[key] = (u8, sq)
+    _keep(key, u8, sq)
     return u8, sq
+
+
+def _keep(key, u8: torch.Tensor | None, sq: torch.Tensor) -> None:
+    """Cache (u8 or None: the norms alone, sq) under `key`, evicting the oldest entries to stay within the
+    budget; an entry larger than the budget is not kept."""
+    size = lambda entry: entry[1].numel() * 4 + (0 if entry[0] is None else entry[0].numel())  # noqa: E731
+    _PATCHES.pop(key, None)
+    if size((u8, sq)) > _CACHE_BUDGET:
+        return
+    while _PATCHES and sum(map(size, _PATCHES.values())) + size((u8, sq)) > _CACHE_BUDGET:
+        _PATCHES.pop(next(iter(_PATCHES)))
+    _PATCHES[key] = (u8, sq)
 
 
 def crop_sq_norms(images: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
@@ -474,7 +484,7 @@ def _fold(patches: torch.Tensor, h: int, w: int, sh: int, sw: int) -> torch.Tens
 
 def square_composite(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, sh: int, sw: int | None = None,
                      rows: tuple[int, int] | None = None, coverage: torch.Tensor | None = None,
-                     on_weights: Callable[[int, torch.Tensor], None] | None = None,
+                     on_weights: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                      log_w: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                      chunk: int | None = None, on_shares: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                      weight_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -640,7 +650,7 @@ def posterior_mean(z: torch.Tensor, t, data: TrainingSet, mask: torch.Tensor | N
 
 
 def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
-                   on_weights: Callable[[int, torch.Tensor], None] | None = None,
+                   on_weights: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                    dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
     """PSPC composite (Eq. 11) over arbitrary crops `masks` (bool [K, H, W], all channels of a chosen
     pixel; PSPC-Flex, Eq. 12): crops are index gathers, masks of equal size run as one batch of groups.

@@ -24,6 +24,7 @@ import torch
 
 from pspc_index.attribution import attribute_trajectory, verify_attribution
 from pspc_index.denoisers import PSPCSquare
+from pspc_index.errors import UserError, check_device
 from pspc_index.ingest import read_source
 from pspc_index.outputs import kept
 from pspc_index.sampler import initial_noise, pf_ode_sample
@@ -59,8 +60,10 @@ def main():
             sys.exit(2)
         cfg_path.write_text(json.dumps(cfg))
     images = torch.from_numpy(read_source("fashion-mnist").images[:a.n_data].copy())
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"attribution_check: --device {a.device}: no CUDA device here", file=sys.stderr)
+    try:
+        check_device(a.device)
+    except UserError as e:
+        print(f"attribution_check: {e}", file=sys.stderr)
         sys.exit(2)
     data = TrainingSet(images, xflip=True).to(a.device)
     z0 = initial_noise(a.seed, range(a.samples), data.shape)  # drawn on the CPU, the same on every device

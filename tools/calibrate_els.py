@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pspc_index.denoisers import Network  # noqa: E402
 from pspc_index.els import calibrate_k  # noqa: E402
+from pspc_index.errors import UserError, check_device  # noqa: E402
 from pspc_index.ingest import read_source  # noqa: E402
 from pspc_index.network import load_network  # noqa: E402
 from pspc_index.schedule import FASHION_MNIST  # noqa: E402
@@ -45,8 +46,10 @@ def main():
     idx = list(range(FASHION_MNIST.steps))
     if a.quick:
         idx, ks, a.n_z, a.els_images = [0, 8, 12, 17], [3, 7, 55], 4, 20
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"calibrate_els: --device {a.device}: no CUDA device here", file=sys.stderr)
+    try:
+        check_device(a.device)
+    except UserError as e:
+        print(f"calibrate_els: {e}", file=sys.stderr)
         sys.exit(2)
     data = TrainingSet(torch.from_numpy(np.ascontiguousarray(read_source("fashion-mnist").images)), xflip=True)
     data = data.to(a.device)

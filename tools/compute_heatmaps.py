@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pspc_index.errors import UserError
+from pspc_index.errors import UserError, check_device
 from pspc_index.ingest import read_source
 from pspc_index.network import load_network, read_network_meta
 from pspc_index.schedule import get_schedule
@@ -43,8 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device here")
+    check_device(args.device)
     net = load_network(args.network).requires_grad_(False).to(args.device)  # only input gradients are needed
     source = read_source(args.data)
     data = TrainingSet(torch.from_numpy(source.images), xflip=not args.no_xflip)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pspc_index.classifier import feature_cosine, load_classifier, read_classifier_meta  # noqa: E402
 from pspc_index.denoisers import CFDM, ELS, Empirical, Gaussian, Network, PSPCFlex, PSPCSquare  # noqa: E402
 from pspc_index.els import r_squared  # noqa: E402
-from pspc_index.errors import UserError  # noqa: E402
+from pspc_index.errors import UserError, check_device  # noqa: E402
 from pspc_index.ingest import read_source  # noqa: E402
 from pspc_index.network import load_network  # noqa: E402
 from pspc_index.sampler import initial_noise, pf_ode_sample  # noqa: E402
@@ -239,15 +239,15 @@ class Eval:
     def den(self, name: str):
         """The named denoiser (made on first use: the Gaussian's eigendecomposition takes a while)."""
         if name not in self._dens:
+            if name == "network":
+                return self.net
+            if name.startswith(("square-", "els-m", "flex-lam")):
+                return Host(self.den_extra(name))
             d = self.ddata
             make = {"optimal": lambda: Empirical(d), "gaussian": lambda: Gaussian(d), "cfdm": lambda: CFDM(d),
                     "els": lambda: ELS(d, schedule=self.sched, max_images=self.args.els_images, seed=self.args.seed),
                     "pspc-square": lambda: PSPCSquare(d, schedule=self.sched),
                     "pspc-flex": lambda: PSPCFlex(d, self.maps, self.hts, schedule=self.sched)}
-            if name == "network":
-                return self.net
-            if name.startswith(("square-", "els-m", "flex-lam")):
-                return Host(self.den_extra(name))
             self._dens[name] = Host(make[name]())
         return self._dens[name]
 
@@ -897,13 +897,7 @@ def main():
         print(f"evaluate: --{small[0].replace('_', '-')} is too small (the tuning halves need >= 2 z, every other "
               "size >= 1)", file=sys.stderr)
         sys.exit(2)
-    try:
-        dev = torch.device(a.device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
-        print(f"evaluate: --device {a.device} is not available here (cpu, or cuda with a CUDA GPU)", file=sys.stderr)
-        sys.exit(2)
+    check_device(a.device)  # a UserError: one line, exit 2 (below)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     ev = Eval(a)
