@@ -16,8 +16,9 @@ from .outputs import FILE, claim, save_npy, start_demo_dir, write_grid
 
 DENOISERS = ("empirical", "gaussian", "cfdm", "els", "pspc-square", "pspc-flex", "network")
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_NETWORK = REPO_DATA / "network" / "fmnist-unet"
-DEFAULT_HEATMAPS = REPO_DATA / "heatmaps" / "fmnist-unet.zarr"
+# the reference network (the 1-hour high-t fine-tune of the first one, docs/network_high_t.md) and its heatmaps
+DEFAULT_NETWORK = REPO_DATA / "network" / "fmnist-unet-ft"
+DEFAULT_HEATMAPS = REPO_DATA / "heatmaps" / "fmnist-unet-ft.zarr"
 
 
 def fail(msg: str) -> None:

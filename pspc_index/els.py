@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .posterior import KEYS_PER_TILE, KeyChunk, crop_sq_norms, patch_posterior, unfold_u8
+from .posterior import KeyChunk, crop_sq_norms, patch_posterior, tile_keys, unfold_u8
 from .store import TrainingSet
 
 # queries per kernel group: the pooled keys are shared, so a class's queries are split into groups of this
@@ -99,9 +99,11 @@ def els_mean(z: torch.Tensor, t: torch.Tensor, data: TrainingSet, k: int, bounda
             tg = torch.ones(g * qb, dtype=torch.float64)
             tg[:len(q)] = t.to(torch.float64).cpu().repeat(p)
 
+            step = tile_keys(z.device)
+
             def chunks(keys=keys, sq=sq, lw=lw, g=g):
-                for i in range(0, n_keys, KEYS_PER_TILE):
-                    j = min(i + KEYS_PER_TILE, n_keys)
+                for i in range(0, n_keys, step):
+                    j = min(i + step, n_keys)
                     yield i, KeyChunk(keys[None, i:j].expand(g, -1, -1), sq[None, i:j].expand(g, -1),
                                       None if lw is None else lw[:, i:j])
             mean, _ = patch_posterior(qg.view(g, qb, d), tg.view(g, qb), chunks, dtype)

@@ -12,13 +12,15 @@ formulations of the same computation, measured in tools/bench_exact.py:
          running max, exp, sums and weighted values in cache-sized blocks and returns the log normaliser;
          the chunks' states merge by it. 2-8x faster than the tiles here, and robust on a loaded machine.
   tiles  (second passes that report weights, statistics, CUDA): one batched GEMM for the logits of a
-         cache-sized tile, an online softmax, a second batched GEMM against [u, 1] for the weighted sum
-         and the normaliser.
+         cache-sized tile (on CUDA launch-bound, so 64x larger), an online softmax, a second batched GEMM
+         against [u, 1] for the weighted sum and the normaliser. Keys shared by every group (an expanded
+         chunk) are built once and both GEMMs run as one 2-D GEMM over all rows.
 Every exact path is a choice of groups and keys:
   square_composite  PSPC-Square (Eq. 11): all (sh x sw) crop locations of the image, keys unfolded from
                     the uint8 store (strided views, cached per size); the full-image crop is the
                     optimal denoiser D* (Eq. 6-7), `empirical_mean`.
-  mask_composite    PSPC-Flex and any crop masks: crops as index gathers, equal-size masks batched.
+  mask_composite    PSPC-Flex and any crop masks: crops as index gathers, equal-size masks batched; or
+                    (CUDA, large crops) every crop a masked whole image against shared whole-image keys.
   retrieval.py      exact rescoring of gathered candidates (one group per query, its crop locations as
                     masked queries over the candidates' windows) and of a shared tail sample.
 
@@ -54,6 +56,10 @@ from .store import TrainingSet
 # memory, was 1.8x slower)
 KEYS_PER_TILE = 512
 TILE_ELEMENTS = 2 ** 20
+# the same on CUDA, where kernel launches, not caches, bound a tile: at the CPU's sizes a full-N call ran
+# ~10^4 tiles of small GEMMs (2.1 s for PSPC-Square at s = 3 on an H200, docs/gpu_check.md)
+KEYS_PER_TILE_CUDA = 8192
+TILE_ELEMENTS_CUDA = 2 ** 26
 # the fused path: keys per chunk of the stream, and bytes of homogeneous keys per attention call
 KEYS_FUSED = 8192
 FUSED_KEY_BYTES = 2 ** 26
@@ -62,6 +68,10 @@ FUSED_KEY_BYTES = 2 ** 26
 # amortise (tools/bench_dispatch.py, docs/bench_dispatch.json: tiles 3.1-4.0x faster at 2 rows, 1.0-1.6x at
 # 32; at 128 the fused kernel 1.5x faster at s = 3, the two within 1.3x at s = 5-13)
 FUSED_MIN_ROWS = 64
+# mask composites whose crops cover at least this fraction of the image on average run dense on the CPU too
+# (Fashion-MNIST, N = 2,000 with flips, B = 64, one thread: mean fill 0.72 dense 13.6 s vs gathered 21.3 s;
+# fill 0.34: 13.7 vs 8.5 s; fill 0.06: 13.5 vs 1.1 s)
+DENSE_MIN_FILL = 0.5
 # elements of the retrieval path's largest per-block intermediate (its query chunks; estimate_memory)
 CHUNK_ELEMENTS = 2 ** 24
 # largest logit error accepted from the float32 GEMM (nats); beyond it the logits are float64
@@ -164,7 +174,7 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
     for start, ch in chunks():
         n = ch.u.shape[1]
         # locations per tile, so that a tile's logits and keys stay in cache
-        gt = max(1, TILE_ELEMENTS // (max(b, d + 3) * n))
+        gt = max(1, tile_elements(dev) // (max(b, d + 3) * n))
         if lse is not None and (weights is None or weights.shape[2] < n):
             weights = torch.empty(g, b, n, dtype=torch.float64, device=dev)
         for g0 in range(0, g, gt):
@@ -188,7 +198,17 @@ def patch_posterior(z: torch.Tensor, t: torch.Tensor, chunks: Callable[[], Itera
 def keys_per_chunk(device, rows: int = FUSED_MIN_ROWS) -> int:
     """Keys per chunk of a first pass with `rows` queries per location: long chunks for the fused kernel,
     tile-sized for the GEMM tiles."""
-    return KEYS_FUSED if fused_available(device, rows) else KEYS_PER_TILE
+    return KEYS_FUSED if fused_available(device, rows) else tile_keys(device)
+
+
+def tile_keys(device) -> int:
+    """Keys per chunk of the GEMM tiles on this device (cache-sized on the CPU, launch-bound on CUDA)."""
+    return KEYS_PER_TILE_CUDA if torch.device(device).type == "cuda" else KEYS_PER_TILE
+
+
+def tile_elements(device) -> int:
+    """Logits per GEMM tile on this device."""
+    return TILE_ELEMENTS_CUDA if torch.device(device).type == "cuda" else TILE_ELEMENTS
 
 
 def fused_available(device, rows: int = FUSED_MIN_ROWS) -> bool:
@@ -280,10 +300,15 @@ def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     normalised weights [g, b, n] instead."""
     g, n, d = u.shape
     # 1. the keys in homogeneous coordinates, and one batched GEMM for every logit [g, b, n]; per-query
-    # norms and log weights are added after it
+    # norms and log weights are added after it. Keys shared by every group (an expanded chunk: ELS's pooled
+    # keys, masked whole images) are built once, and both GEMMs run as one 2-D GEMM over all g*b rows
     row_w, row_sq = log_w is not None and log_w.ndim == 3, sq.ndim == 3
+    shared = g > 1 and u.stride(0) == 0
+    if shared:
+        u, sq = u[:1], sq if row_sq else sq[:1]
+        log_w = log_w if log_w is None or row_w else log_w[:1]
     k = _keys(u, None if row_sq else sq, None if row_w else log_w, q.dtype, feature_major=True)
-    logits = torch.bmm(q, k.transpose(1, 2))
+    logits = torch.matmul(q, k[0].T) if shared else torch.bmm(q, k.transpose(1, 2))
     if row_sq:  # -||x_C||^2 / 2t^2, with the query's 1/t^2 as the GEMM column has it
         logits += (sq * -0.5).to(logits.dtype) * q[..., d + 1, None]
     if row_w:
@@ -300,7 +325,7 @@ def _tile(q, u, sq, log_w, m, acc, wdt, lse=None, st=None):
     # 3. second batched GEMM: [sum_i w_i u_i, sum_i w_i], folded into the rescaled accumulator
     v = k[..., :d + 1] if wdt == q.dtype else k[..., :d + 1].to(wdt)
     rescale = torch.exp((m - shift).to(torch.float64))
-    acc.mul_(rescale[..., None]).add_(torch.bmm(w, v))
+    acc.mul_(rescale[..., None]).add_(torch.matmul(w, v[0]) if shared else torch.bmm(w, v))
     if st is not None:
         st[..., 1].mul_(rescale ** 2).add_((w * w).sum(2).to(torch.float64))
     m.copy_(m_new)
@@ -649,17 +674,53 @@ def posterior_mean(z: torch.Tensor, t, data: TrainingSet, mask: torch.Tensor | N
     return out.view(b, c, h, w), lse[0] - (q[0] ** 2).sum(1) / (2 * t.to(q) ** 2)
 
 
+def _masked_images(z: torch.Tensor, data: TrainingSet, flat: torch.Tensor, step: int):
+    """Queries and key chunks of K crops (bool [K, H*W]) as masked whole images: group b holds query b's
+    K crops as rows z_b * a_k (zero outside crop k, all channels), the keys are the whole images of the
+    virtual set, shared by every group, with each row's crop norms ||x_Ck||^2 (KeyChunk's masked queries).
+    -> (q [B, K, C*H*W] float64, chunks())."""
+    b, c = z.shape[:2]
+    a = flat.to(torch.float64).repeat(1, c)  # [K, C*H*W], channel-major like z.flatten(1)
+    q = z.flatten(1).to(torch.float64)[:, None] * a
+    n_all, log_w = len(data), data.log_weights(virtual=True)
+
+    def chunks():
+        for i in range(0, n_all, step):
+            u = data.u8(torch.arange(i, min(i + step, n_all), device=z.device)).flatten(1)  # [n, C*H*W]
+            x2 = (u.to(torch.int32) * 2 - 255).to(torch.float64) ** 2 / 255.0 ** 2
+            sq = a @ x2.T  # [K, n]: every crop's norm of every key
+            lw = None if log_w is None else log_w[None, i:i + step]
+            yield i, KeyChunk(u[None].expand(b, -1, -1), sq[None].expand(b, -1, -1), lw)
+    return q, chunks
+
+
 def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
                    on_weights: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                   dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, chunk: int | None = None,
+                   dense: bool | None = None) -> torch.Tensor:
     """PSPC composite (Eq. 11) over arbitrary crops `masks` (bool [K, H, W], all channels of a chosen
-    pixel; PSPC-Flex, Eq. 12): crops are index gathers, masks of equal size run as one batch of groups.
-    Every pixel must be covered (MaskCrops checks). z [B, C, H, W], t scalar or [B] -> [B, C, H, W].
-    on_weights(ids, a [B, n, H, W]) as in `square_composite` (over the virtual set, flips explicit)."""
+    pixel; PSPC-Flex, Eq. 12). Every pixel must be covered (MaskCrops checks). z [B, C, H, W], t scalar
+    or [B] -> [B, C, H, W]. on_weights(ids, a [B, n, H, W]) as in `square_composite` (over the virtual
+    set, flips explicit). Two formulations of the same sums:
+      gathered (CPU, and any call with on_weights): crops are index gathers, masks of equal size run as
+        one batch of groups: B N sum_k |C_k| terms, but ~10^2 sizes x chunks of small gathers and GEMMs;
+      dense (default on CUDA, and on the CPU for crops covering >= DENSE_MIN_FILL of the image on
+        average): every crop a masked whole image (`_masked_images`), two large GEMMs per key chunk:
+        B N K H W terms (1.4-4x more at PSPC-Flex's lambda >= 0.7), no gathers.
+    """
     b, c, h, w = z.shape
     t = _t_column(t, b)
     flat = masks.to(z.device).flatten(1)
     cov = flat.sum(0).to(torch.float64).reshape(h, w)
+    if dense is None:
+        dense = z.device.type == "cuda" or float(flat.sum()) >= DENSE_MIN_FILL * flat.numel()
+    if on_weights is None and dense:
+        q, chunks = _masked_images(z, data, flat, chunk or tile_keys(z.device))
+        tk = t[:, None].expand(b, len(flat))
+        mean, _ = patch_posterior(q, tk, chunks, dtype or logit_dtype(q, tk, q.shape[-1]))
+        # each crop's mean on its own pixels, summed over the crops covering each pixel
+        out = (mean.view(b, -1, c, h * w) * flat.to(mean)[None, :, None]).sum(1)
+        return (out.view(b, c, h, w) / cov).to(torch.float32)
     out = torch.zeros(b, c, h * w, dtype=torch.float64, device=z.device)
     sizes = flat.sum(1)
     for size in sizes.unique().tolist():

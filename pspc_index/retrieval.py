@@ -351,14 +351,16 @@ class RetrievalPSPC(PSPCSquare):
     kernel (and lets the predictor skip the search), so every composite pixel is within tol of exact.
     tail="sample" (loose tolerances only) adds m uniform draws; where the output rests on them its bound is
     an empirical-Bernstein confidence bound that fails with probability <= delta per location and query
-    (`tail_bound`), and a location whose tail cannot meet tol is routed (report: tail_unmet)."""
+    (`tail_bound`), and a location whose tail cannot meet tol is routed (report: tail_unmet).
+    predict=False turns the skip predictor off (`diffuse`): every query searches, to measure what the
+    certificate achieves where the predictor would have skipped."""
 
     name = "pspc-square+index"
 
     def __init__(self, data: TrainingSet, bundle: Bundle, k: int = 1024, tail: str = "none", m: int = 4096,
                  seed: int = 0, patch_size: int | None = None, schedule: Schedule | None = None,
                  tol: float | None = None, nprobe: int | None = None, dtype: torch.dtype | None = None,
-                 delta: float = TAIL_DELTA):
+                 delta: float = TAIL_DELTA, predict: bool = True):
         super().__init__(data, patch_size=patch_size, schedule=schedule, dtype=dtype)
         if tail not in ("sample", "none"):
             raise UserError(f"--tail must be 'sample' or 'none', got {tail!r}")
@@ -372,7 +374,7 @@ class RetrievalPSPC(PSPCSquare):
             raise UserError(f"{bundle.path}: built for {bundle.manifest['shape']} with xflip={bundle.xflip}, "
                             f"the training set is {[data.n_stored, *data.shape]} with xflip={data.xflip}")
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
-        self.nprobe, self.delta = nprobe, delta
+        self.nprobe, self.delta, self.predict = nprobe, delta, predict
         self.last_report: dict[int, dict] = {}
         self.history: list[dict] = []
         self._tail_ids: dict[tuple, torch.Tensor] = {}
@@ -413,7 +415,7 @@ class RetrievalPSPC(PSPCSquare):
         with Delta the median squared distance from a training crop to its r-th nearest distinct crop, r
         the largest recorded rank <= k (`index.neighbour_stats`; None there: no such neighbour, no skip)."""
         stats = self.bundle.manifest.get("neighbours", {}).get(str(s))
-        if self.tol is None or stats is None:
+        if self.tol is None or stats is None or not self.predict:
             return torch.zeros(len(t), dtype=torch.bool)
         delta = stats[max(i for i, r in enumerate(RANKS) if r <= self.k)]
         if delta is None:

@@ -106,6 +106,19 @@ def test_flex_on_device():
         close(PSPCFlex(cpu.to(DEV), maps, ts, lam=lam)(z, 0.25), PSPCFlex(cpu, maps, ts, lam=lam)(z, 0.25))
 
 
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("t", [0.01, 0.3, 4.0])
+def test_mask_composite_formulations_on_device(dense, t):
+    """Both formulations of the mask composite (gathered crops; masked whole images with shared keys) on
+    the device against the CPU float64 gathered path, flips included, chunks shorter than the set."""
+    cpu = TrainingSet(data(n=30).images, xflip=True)
+    masks = torch.rand(72, 9, 8, generator=torch.Generator().manual_seed(5)) < 0.4
+    masks[0] = True
+    z = noisy(cpu, t)
+    want = mask_composite(z, t, cpu, masks, dtype=torch.float64, dense=False)
+    close(mask_composite(z.to(DEV), t, cpu.to(DEV), masks, dense=dense, chunk=16), want)
+
+
 def test_network_on_device():
     torch.manual_seed(0)
     net = EDMPrecond(UNetConfig(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2),

@@ -14,7 +14,9 @@ import torch
 from pspc_index.denoisers import CFDM, Empirical, Gaussian, PSPCFlex, PSPCSquare
 from pspc_index.errors import UserError
 from pspc_index.geometry import MaskCrops, SquareCrops, flex_masks
-from pspc_index.posterior import KeyChunk, composite_mean, empirical_mean, patch_posterior, square_composite
+from pspc_index import posterior
+from pspc_index.posterior import (KeyChunk, composite_mean, empirical_mean, mask_composite, patch_posterior,
+                                  square_composite)
 from pspc_index.store import TrainingSet
 
 # composite_mean (float32 default) computes crop logits -||z_C - x_C||^2 / 2t^2 and their log
@@ -416,6 +418,25 @@ def test_arbitrary_masks_composite_matches_naive():
         got = composite_mean(z, torch.full((B,), t, dtype=torch.float64), data, crops)
         want = naive_mask_composite(z.double().numpy(), t, X, masks.numpy())
         assert maxdiff(got, want) <= TOL, (t, maxdiff(got, want))
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_mask_composite_matches_naive(kind, fused):
+    """The dense formulation (every crop a masked whole image, keys shared by all groups; CUDA's default)
+    against the naive float64 composite, on the tiles' shared-key GEMMs and on the fused CPU kernel."""
+    data = data_for(kind)
+    X = all_images(data)
+    _, h, w = data.shape
+    masks = flex_masks(random_heatmap(h, w), 0.5)
+    for t in TS:
+        z, _ = queries(data, t, "random", seed=5)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(posterior, "_USE_FUSED", fused)
+            mp.setattr(posterior, "FUSED_MIN_ROWS", 1)  # these tiny images have fewer crops than it
+            got = mask_composite(z, t, data, masks, dense=True, chunk=7)
+        want = naive_mask_composite(z.double().numpy(), t, X, masks.numpy())
+        assert maxdiff(got, want) <= TOL, (kind, t, maxdiff(got, want))
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))

@@ -194,6 +194,12 @@ def test_predictor_skips_diffuse_steps(smooth):
     assert rep["fractions"]["skipped"] == 0.5 and den.history[-1]["fractions"] == rep["fractions"]
     np.testing.assert_allclose(out[1:].double().numpy(), naive_composite(data, z[1:], 30.0, 3).numpy(), atol=1e-6)
     assert not RetrievalPSPC(data, bundles["flat"], k=8, patch_size=3).diffuse(t, 3).any()  # no tol: no skip
+    # predictor off: the diffuse query searches too, and stays within tol of exact (routed where uncertified)
+    off = RetrievalPSPC(data, bundles["flat"], k=8, tail="none", patch_size=3, tol=1e-3, predict=False)
+    assert not off.diffuse(t, 3).any()
+    out = off(z, t)
+    assert off.last_report[3]["fractions"]["skipped"] == 0
+    np.testing.assert_allclose(out[1:].double().numpy(), naive_composite(data, z[1:], 30.0, 3).numpy(), atol=1e-3)
 
 
 def test_identical_images_default_query(tmp_path):

@@ -61,9 +61,9 @@ def test_evaluate_quick_extended_on_its_state(tmp_path):
     bad = subprocess.run([sys.executable, *map(str, common), "--seed", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "seed 0 -> 1" in bad.stderr
-    bad = subprocess.run([sys.executable, *map(str, common), "--network", "data/network/fmnist-unet-ft"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, *map(str, common), "--network", "data/network/fmnist-unet"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # another reference network: another state
-    assert bad.returncode == 2 and "network data/network/fmnist-unet -> data/network/fmnist-unet-ft" in bad.stderr
+    assert bad.returncode == 2 and "network data/network/fmnist-unet-ft -> data/network/fmnist-unet" in bad.stderr
 
 
 def test_evaluate_forward_z_prefix_stable():

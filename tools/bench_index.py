@@ -84,7 +84,8 @@ def step_row(data, bundle, sched, i, a, g_recall) -> dict:
     idx = torch.randint(0, len(data), (a.batch,), generator=g)
     z = data.get(idx) + t * torch.randn(a.batch, *data.shape, generator=g)
     exact_den = PSPCSquare(data, schedule=sched)
-    hybrid = RetrievalPSPC(data, bundle, k=a.k, tail=a.tail, m=a.m, schedule=sched, tol=a.tol, nprobe=a.nprobe)
+    hybrid = RetrievalPSPC(data, bundle, k=a.k, tail=a.tail, m=a.m, schedule=sched, tol=a.tol, nprobe=a.nprobe,
+                           predict=not a.no_skip)
     warm = {"exact": timed(lambda: exact_den(z[:1], t))[1], "hybrid": timed(lambda: hybrid(z[:1], t))[1]}
     exact, exact_s = timed(lambda: exact_den(z, t))
     got, secs = timed(lambda: hybrid(z, t))
@@ -107,7 +108,8 @@ def step_row(data, bundle, sched, i, a, g_recall) -> dict:
 
 def sampling(data, bundle, sched, a) -> dict:
     """--samples hybrid samples against as many exact-only ones from the same initial noise, both timed."""
-    hybrid = RetrievalPSPC(data, bundle, k=a.k, tail=a.tail, m=a.m, schedule=sched, tol=a.tol, nprobe=a.nprobe)
+    hybrid = RetrievalPSPC(data, bundle, k=a.k, tail=a.tail, m=a.m, schedule=sched, tol=a.tol, nprobe=a.nprobe,
+                           predict=not a.no_skip)
     x_h, secs = timed(lambda: sample(hybrid, a.samples, 0, steps=sched.steps, batch=a.batch))
     x_e, exact_s = timed(lambda: sample(PSPCSquare(data, schedule=sched), a.samples, 0, steps=sched.steps,
                                         batch=a.batch))
@@ -158,7 +160,7 @@ def run(a) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     settings = {"n_data": a.n_data, "batch": a.batch, "k": a.k, "tol": a.tol, "tail": a.tail, "m": a.m,
                 "kind": a.kind, "stride": a.stride, "nprobe": a.nprobe, "samples": a.samples,
-                "recall_positions": a.recall_positions, "threads": torch.get_num_threads()}
+                "recall_positions": a.recall_positions, **({"no_skip": True} if a.no_skip else {}), "threads": torch.get_num_threads()}
     state = load_state(work / "state.json", settings)
     store_path = work / "store.zarr"
     if not (store_path / "zarr.json").exists():
@@ -211,6 +213,8 @@ def main():
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--ts", default=None, help="comma-separated grid indices (default: every t of the schedule)")
     p.add_argument("--samples", type=int, default=64, help="hybrid and exact-only samples (0: none)")
+    p.add_argument("--no-skip", action="store_true", help="search at every t, also where the skip predictor "
+                   "would run the step exact (what the certificate achieves there)")
     p.add_argument("--recall-positions", type=int, default=0, help="sampled locations per t for recall@k")
     p.add_argument("--work", default=None, help="directory of the store, bundle and state (resumable)")
     p.add_argument("--markdown", default=None, help="also write the per-t table here")

@@ -36,7 +36,7 @@ def main():
     p.add_argument("--boundary", choices=["broken", "circular"], default="broken")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--network", default="data/network/fmnist-unet", help="checkpoint stem of the network")
+    p.add_argument("--network", default="data/network/fmnist-unet-ft", help="checkpoint stem of the network")
     p.add_argument("--device", default="cpu", help="where the network and ELS compute (cpu, cuda)")
     p.add_argument("--quick", action="store_true", help="4 grid t, k in 3,7,55, 4 z, 20-image pool")
     p.add_argument("--json", action="store_true", help="print the JSON report (else a table)")

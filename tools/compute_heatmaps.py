@@ -3,7 +3,7 @@
 Writes the zarr group PSPC-Flex reads, prints the concentration table (paper Fig. 3 left) as JSON
 lines and plots it.
 
-    python tools/compute_heatmaps.py --network data/network/fmnist-unet --m 96 --threads 1
+    python tools/compute_heatmaps.py --network data/network/fmnist-unet-ft --m 96 --batch 96 --threads 1
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ FRACTIONS = (0.5, 0.75, 0.95)
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--network", default="data/network/fmnist-unet", help="checkpoint stem")
+    ap.add_argument("--network", default="data/network/fmnist-unet-ft", help="checkpoint stem")
     ap.add_argument("--data", default="fashion-mnist", help="a source read_source understands")
     ap.add_argument("--schedule", default=None, help="schedule name (default: the one for the resolution)")
     ap.add_argument("--m", type=int, default=64, help="forward-process z per t")
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda); the draws stay on the CPU")
     ap.add_argument("--no-xflip", action="store_true", help="draw x from the stored images only")
-    ap.add_argument("--out", default="data/heatmaps/fmnist-unet.zarr")
+    ap.add_argument("--out", default="data/heatmaps/fmnist-unet-ft.zarr")
     ap.add_argument("--plot", default="docs/heatmap_concentration.png")
     return ap.parse_args(argv)
 

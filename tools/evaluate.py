@@ -36,6 +36,7 @@ from pspc_index.els import r_squared  # noqa: E402
 from pspc_index.errors import UserError, check_device  # noqa: E402
 from pspc_index.ingest import read_source  # noqa: E402
 from pspc_index.network import load_network  # noqa: E402
+from pspc_index.posterior import set_patch_cache_budget  # noqa: E402
 from pspc_index.sampler import initial_noise, pf_ode_sample  # noqa: E402
 from pspc_index.schedule import FASHION_MNIST, Schedule, karras_grid, schedule_to_json  # noqa: E402
 from pspc_index.sensitivity import read_heatmaps  # noqa: E402
@@ -47,7 +48,8 @@ SECTIONS = ("cost", "forward", "identity", "reverse", "els_subset", "samples")
 H = 28
 MID = (0.3, 3.5)  # the middle t range of verdicts (ii), (iii), (vi)
 TUNED_NAME = "fashion-mnist-tuned"
-NETWORK, HEATMAPS = "data/network/fmnist-unet", "data/heatmaps/fmnist-unet.zarr"  # the reference and its maps
+# the reference network (the high-t fine-tune, docs/network_high_t.md) and its heatmaps
+NETWORK, HEATMAPS = "data/network/fmnist-unet-ft", "data/heatmaps/fmnist-unet-ft.zarr"
 CLASSIFIER = "data/classifier/fmnist-cnn"  # penultimate-layer features: the SSCD stand-in of section 4
 # Settings a state folder may change between runs: every unit is keyed by its index range (or lambda) and every
 # z, noise and trajectory is drawn from its own index, so a larger count reuses the finished units. STATE_VERSION
@@ -55,6 +57,8 @@ CLASSIFIER = "data/classifier/fmnist-cnn"  # penultimate-layer features: the SSC
 COUNTS = ("n_z", "n_z_study", "n_z_lam", "n_rev", "n_samples", "n_z_els_check")
 CHANGEABLE = COUNTS + ("lam_grid",)
 STATE_VERSION = 2
+GPU_PATCH_CACHE = 16 * 2 ** 30
+UNIT_META = ("_s", "_dev")  # a unit's compute seconds and device, not results
 # The default sizes of a full run and of --quick (a size given on the command line wins).
 FULL = dict(n_z=256, n_z_study=256, n_z_lam=64, n_rev=64, n_samples=256, els_images=100, n_z_els_check=32,
             batch=64, cost_batch=64)
@@ -139,6 +143,7 @@ class Eval:
         self.state = Path(args.state) if args.state else self.out / "eval_state"
         self.t_start = time.time()
         self.res: dict = {"timings": {}}
+        self._unit_meta: dict = {}
         self.sched = FASHION_MNIST
         self.grid = self.sched.grid  # 18 t, descending
         # t of the forward study: the grid points with lambda < 1, plus larger grid t
@@ -158,7 +163,8 @@ class Eval:
         a = self.args
         fixed = dict(version=STATE_VERSION, n_data=a.n_data, els_images=a.els_images, batch=a.batch, seed=a.seed,
                      quick=a.quick, network=a.network, heatmaps=a.heatmaps)
-        defaults = dict(network=NETWORK, heatmaps=HEATMAPS)  # states written before these were settings
+        # states written before these were settings ran the first network and its heatmaps
+        defaults = dict(network="data/network/fmnist-unet", heatmaps="data/heatmaps/fmnist-unet.zarr")
         rec = self.state / "config.json"
         if rec.exists():
             old = json.loads(rec.read_text()).get("fixed", {})
@@ -176,13 +182,14 @@ class Eval:
 
     def unit(self, key: str, fn):
         """fn() -> dict of tensors/numbers, computed once: saved as <state>/<key>.pt (atomically, with its
-        compute seconds under "_s") and loaded on every later call, in this run or a resumed one."""
+        compute seconds under "_s" and device under "_dev") and loaded on every later call, in this run or a
+        resumed one (on any device)."""
         path = self.state / f"{key}.pt"
         if path.exists():
             return torch.load(path)
         t0 = time.time()
         val = fn()
-        val["_s"] = time.time() - t0
+        val["_s"], val["_dev"] = time.time() - t0, device_name(self.dev)
         tmp = path.with_suffix(".pt.tmp")
         torch.save(val, tmp)
         os.replace(tmp, path)
@@ -194,7 +201,7 @@ class Eval:
         b = self.args.batch
         parts = [self.unit(f"{key}_{j}-{min(j + b, n)}", lambda j=j: fn(slice(j, min(j + b, n))))
                  for j in range(0, n, b)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "_s"}
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in UNIT_META}
 
     def per_z(self, key: str, name: str, z, t, ref, keep=False, opt=None):
         """A denoiser's per-z MSE and r^2 against ref over all z, in resumable batches; keep: also the
@@ -214,9 +221,17 @@ class Eval:
         t = float(self.grid[i])
         return self.batched(f"fwd_t{i:02d}_network", len(z), lambda sl: dict(out=self.net(z[sl], t)))["out"]
 
-    def seconds(self, prefix: str) -> float:
-        """Compute seconds of every saved unit of a section (this run and earlier ones)."""
-        return sum(torch.load(p)["_s"] for p in self.state.glob(f"{prefix}*.pt"))
+    def seconds(self, prefix: str) -> dict:
+        """Compute seconds of the saved units whose key starts with prefix (this run and earlier ones), per
+        device they ran on."""
+        out: dict = {}
+        for p in sorted(self.state.glob(f"{prefix}*.pt")):
+            if p not in self._unit_meta:  # units never change: read each once
+                v = torch.load(p)
+                self._unit_meta[p] = (v["_s"], v.get("_dev", "device not recorded"))
+            s, dev = self._unit_meta[p]
+            out[dev] = out.get(dev, 0.0) + s
+        return out
 
     # ------------------------------------------------------------------ setup
     def setup(self):
@@ -226,6 +241,8 @@ class Eval:
         self.data = TrainingSet(torch.from_numpy(np.ascontiguousarray(imgs[keep.numpy()])), xflip=True)
         self.dev = torch.device(a.device)
         self.ddata = self.data.to(self.dev)  # the denoisers' copy (the same set on the CPU)
+        if self.dev.type == "cuda":  # every size of the patch-size study stays unfolded (8.8 GB at full N)
+            set_patch_cache_budget(GPU_PATCH_CACHE)
         self.maps, self.hts, _ = read_heatmaps(a.heatmaps)
         self.net = Host(Network(load_network(a.network).to(self.dev), (1, H, H)))
         self.clf_meta = read_classifier_meta(CLASSIFIER)  # checked up front, used by the samples section
@@ -270,13 +287,15 @@ class Eval:
 
     # ------------------------------------------------------------------ cost per call (GoldDiff columns)
     def cost(self):
-        """Seconds and peak memory of one call per denoiser at B = --cost-batch, mid t (patch caches warm)."""
+        """Seconds and peak memory of one call per denoiser at B = --cost-batch, mid t (patch caches warm), on
+        this run's device; the state keeps each device kind's (CPU units cost_<name>, CUDA cost_cuda_<name>),
+        and the table shows every one measured."""
         i = self.small_idx[len(self.small_idx) // 2]
         t = float(self.grid[i])
         g = torch.Generator().manual_seed(self.args.seed * 1000 + 5)
         x = self.data.get(torch.randint(0, len(self.data), (self.args.cost_batch,), generator=g))
         z = x + t * torch.randn(x.shape, generator=g)
-        rows = []
+        rows, kind = [], "" if self.dev.type == "cpu" else f"{self.dev.type}_"
         for name in ["network"] + DEN_NAMES:
             def run(name=name):
                 d = self.den(name)
@@ -288,9 +307,16 @@ class Eval:
                 return dict(seconds=sec, peak_bytes=float(mem), rss_before=float(rss_bytes()),
                             device=device_name(self.dev),
                             gpu_peak_bytes=float(torch.cuda.max_memory_allocated(self.dev)) if gpu else None)
-            rows.append(dict(name=name, **{k: v for k, v in self.unit(f"cost_{name}", run).items() if k != "_s"}))
+            rows.append(dict(name=name, **{k: v for k, v in self.unit(f"cost_{kind}{name}", run).items()
+                                           if k not in UNIT_META}))
             print(f"[cost] {name}: {rows[-1]['seconds']:.2f} s, {memory_mib(rows[-1])} MiB", flush=True)
-        self.res["cost"] = dict(t=t, batch=len(z), rows=rows)
+        by_device = {}
+        for other in ("", "cuda_"):  # every device kind's units in the state, this run's included
+            done = [(n, self.state / f"cost_{other}{n}.pt") for n in ["network"] + DEN_NAMES]
+            if all(p.exists() for _, p in done):
+                part = [dict(name=n, **{k: v for k, v in torch.load(p).items() if k not in UNIT_META}) for n, p in done]
+                by_device[part[0]["device"]] = part
+        self.res["cost"] = dict(t=t, batch=len(z), rows=rows, by_device=by_device)
 
     # ------------------------------------------------------------------ shared by forward and reverse
     def baselines(self, key, z, t, net):
@@ -651,8 +677,9 @@ class Eval:
         st = self.res.get("setup", {})
         L = ["# PSPC evaluation on Fashion-MNIST (tools/evaluate.py)", "", "**Subsampling.**", ""] + self.subsampling()
         L += ["", f"Status: {'complete' if final else 'PARTIAL (run in progress or cut short; rerun the same command to continue)'}. "
-              "Compute seconds per section (summed over resumed runs): "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in self.res["timings"].items() if k != "this_run_wall_s") + "."]
+              "Compute seconds per section (summed over resumed runs, per device): "
+              + ", ".join(f"{k} " + (" + ".join(f"{s:.0f} s ({d})" for d, s in v.items()) or "0 s")
+                          for k, v in self.res["timings"].items() if k != "this_run_wall_s") + "."]
         argv = list(st.get("argv", sys.argv[1:]))
         if "--reduced-note" in argv:
             k = argv.index("--reduced-note")
@@ -666,7 +693,7 @@ class Eval:
               "784 pixels, r^2 = 1 - sum_p (D_p - N_p)^2 / sum_p (N_p - mean_p N)^2 (SSE over SST of the network "
               "output about its own pixel mean), averaged over z. Network = `" + self.args.network + "` "
               "(EDM-preconditioned U-Net, zero padding). PSPC-Square uses the shipped FASHION_MNIST schedule s(t); "
-              "PSPC-Flex the shipped heatmaps with the schedule's lambda(t); where s(t) = 28 or lambda(t) = 1 both "
+              f"PSPC-Flex that network's heatmaps (`{self.args.heatmaps}`) with the schedule's lambda(t); where s(t) = 28 or lambda(t) = 1 both "
               "are the optimal denoiser and its numbers are reused. CFDM: sigma_s = 0.1, M = 16. ELS: Kamb & "
               "Ganguli's boundary-broken equivariant local score machine (pspc_index/els.py) with the schedule's "
               f"window k(t) = {list(self.sched.els_size(self.grid).tolist())} on the grid (high t first"
@@ -718,26 +745,24 @@ class Eval:
         """MSE and r^2 against the network averaged over the evaluated t (forward, reverse), seconds per call
         and peak memory: the columns of GoldDiff's comparison table."""
         fwd, rev = self.res.get("forward") or [], self.res.get("reverse") or []
-        cost = {r["name"]: r for r in self.res.get("cost", {}).get("rows", [])}
+        cr = self.res.get("cost", {})
+        devices = cr.get("by_device") or ({cr["rows"][0]["device"]: cr["rows"]} if cr.get("rows") else {})
+        costs = {dev: {r["name"]: r for r in rows} for dev, rows in devices.items()}
         avg = lambda rows, k: f"{np.mean([r[k] for r in rows]):.4g}" if rows else "-"  # noqa: E731
-        b = self.res.get("cost", {}).get("batch", "-")
         L = [f"Averages over the evaluated t ({len(fwd)} forward, {len(rev)} reverse); seconds and peak memory of "
-             f"one call at B = {b}, t = {self.res.get('cost', {}).get('t', float('nan')):.4g}, patch caches built "
-             "(peak memory: the largest resident-set increase during the call, sampled every 2 ms; on a GPU the "
-             "peak GPU memory allocated by torch during the call, marked GPU).", "",
-             "| denoiser | MSE fwd | r^2 fwd | MSE rev | r^2 rev | s / call | peak memory (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+             f"one call at B = {cr.get('batch', '-')}, t = {cr.get('t', float('nan')):.4g}, patch caches built, "
+             "on each device measured (peak memory: the largest resident-set increase during the call, sampled "
+             "every 2 ms; on a GPU the peak GPU memory allocated by torch during the call, marked GPU).", "",
+             "| denoiser | MSE fwd | r^2 fwd | MSE rev | r^2 rev | "
+             + " | ".join(f"s / call, {d} | peak memory (MiB), {d}" for d in costs) + " |",
+             "|---|---|---|---|---|" + "---|---|" * len(costs)]
         for k in DEN_NAMES + ["network"]:
-            c = cost.get(k)
-            mem = memory_mib(c) if c else "-"
-            if k == "network":
-                L.append(f"| network (reference) | 0 | 1 | 0 | 1 | {c['seconds']:.3g} | {mem} |" if c else
-                         "| network (reference) | 0 | 1 | 0 | 1 | - | - |")
-                continue
-            L.append(f"| {k}{f' (pool {self.args.els_images})' if k == 'els' else ''} | {avg(fwd, k)} | "
-                     f"{avg(fwd, k + '_r2')} | {avg(rev, k)} | {avg(rev, k + '_r2')} | "
-                     f"{c['seconds']:.3g} | {mem} |" if c else f"| {k} | {avg(fwd, k)} | {avg(fwd, k + '_r2')} | "
-                     f"{avg(rev, k)} | {avg(rev, k + '_r2')} | - | - |")
+            cols = " | ".join(f"{c[k]['seconds']:.3g} | {memory_mib(c[k])}" if k in c else "- | -"
+                              for c in costs.values())
+            mse = ("0 | 1 | 0 | 1" if k == "network" else
+                   f"{avg(fwd, k)} | {avg(fwd, k + '_r2')} | {avg(rev, k)} | {avg(rev, k + '_r2')}")
+            name = "network (reference)" if k == "network" else k + (f" (pool {self.args.els_images})" if k == "els" else "")
+            L.append(f"| {name} | {mse} |" + (f" {cols} |" if costs else ""))
         return L
 
     def study_md(self) -> list[str]:

@@ -6,14 +6,17 @@
 #  4. attribution of one of them over its trajectory with the top-6 maps and `--verify 10` (2 random
 #     draws): the API work of `pspc-index attribute --trajectory --top 6 --verify 10 --panel`;
 #  5. the top-10 removal check over 64 samples (tools/attribution_check.py --device cuda).
-# Usage: bash tools/gpu_check.sh
+# A failing CUDA test stops it (exit 3): timings of wrong code are not worth the device time.
+# Usage: bash tools/gpu_check.sh [--engine]   (--engine: parts 1-3 only, ~1 minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ENGINE_ONLY=0
+[ "${1:-}" = "--engine" ] && ENGINE_ONLY=1
 python -c "import torch, pspc_index; assert torch.cuda.is_available(), 'no CUDA'
 print('#', torch.cuda.get_device_name(0), '| torch', torch.__version__)" || exit 1
-python -m pytest -q -p no:cacheprovider tests/test_cuda.py || echo "**CUDA TESTS FAILED**"
-python - <<'PY'
-import time, torch
+python -m pytest -q -p no:cacheprovider tests/test_cuda.py || { echo "**CUDA TESTS FAILED**"; exit 3; }
+ENGINE_ONLY=$ENGINE_ONLY python - <<'PY'
+import os, time, torch
 from pspc_index.attribution import attribute_trajectory, verify_attribution
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.ingest import read_source
@@ -43,12 +46,15 @@ for s, t in firsts.items():
 z0 = initial_noise(0, range(64), data.shape).cuda()
 (x, traj), sec = clock(lambda: pf_ode_sample(PSPCSquare(data), z0, 18, record=True))
 print(f"\n64 exact samples, 18 Euler steps, N = 120,000: {sec:.1f} s (finite: {bool(torch.isfinite(x).all())})")
+if os.environ["ENGINE_ONLY"] == "1":
+    raise SystemExit
 (_, shares, tm), sec_a = clock(lambda: attribute_trajectory(PSPCSquare(data), traj.ts, traj.z[:, :1], top=6, maps=True))
 (rep, _), sec_v = clock(lambda: verify_attribution(PSPCSquare, data, shares, 10, z0[:1].cpu(), steps=18,
                                                     original=x[:1].cpu(), draws=2))
 print(f"one sample's trajectory attribution with top-6 maps: {sec_a:.1f} s; --verify 10 (2 random draws): "
       f"{sec_v:.1f} s; ratio top/random {rep[0]['ratio']:.1f}")
 PY
+[ $ENGINE_ONLY = 1 ] && exit 0
 python tools/attribution_check.py --device cuda --samples 64 | python -c "import json, sys
 d = json.load(sys.stdin)
 print(f\"\ntop-10 removal over {d['samples']} samples (N = 120,000): median ratio {d['ratio_median']:.1f}, \"
