@@ -18,6 +18,7 @@ from pspc_index.denoisers import Empirical
 from pspc_index.distributed import sample_to_zarr
 from pspc_index.errors import UserError
 from pspc_index.sampler import sample
+from pspc_index.schedule import DEFAULTS
 from pspc_index.store import TrainingSet
 
 SHAPE = (1, 6, 6)
@@ -219,7 +220,7 @@ def test_resume_network_by_another_spelling(tmp_path):
             "--out", tmp_path / "run.zarr"]
     assert invoke_in(tmp_path, base).exit_code == 0
     rel = os.path.relpath(f"{DEFAULT_NETWORK}.json", tmp_path)
-    res = invoke_in(tmp_path, base + ["--network", rel, "--schedule", "fashion-mnist"])  # the 28x28 default
+    res = invoke_in(tmp_path, base + ["--network", rel, "--schedule", DEFAULTS[(28, 28)]])  # the default, by name
     assert res.exit_code == 0, res.output
     res = invoke_in(tmp_path, base + ["--no-xflip"])
     assert res.exit_code == 2 and "different settings" in res.output, res.output

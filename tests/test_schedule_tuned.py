@@ -23,15 +23,25 @@ def test_json_round_trip_and_selection_by_name(tmp_path, monkeypatch):
     write(tmp_path, sch.schedule_to_json(s, {"made_by": "test"}))
     found = sch.tuned_schedules(tmp_path)
     assert found == {"fm-test-tuned": s}
-    # selectable by name next to the derived schedules; the default for 28 x 28 stays the derived one
+    # selectable by name next to the derived and shipped schedules; the 28 x 28 default is the shipped tuned one
     monkeypatch.setattr(sch, "SCHEDULES", {**sch.SCHEDULES, **found})
     assert sch.get_schedule("fm-test-tuned", 28, 28) == s
-    assert sch.get_schedule(None, 28, 28) is sch.FASHION_MNIST
+    assert sch.get_schedule(None, 28, 28) is sch.SCHEDULES["fashion-mnist-tuned"]
+    assert sch.get_schedule("fashion-mnist", 28, 28) is sch.FASHION_MNIST
     with pytest.raises(UserError, match="28x28 images"):
         sch.get_schedule("fm-test-tuned", 32, 32)
     # switching the default is the one DEFAULTS entry
     monkeypatch.setattr(sch, "DEFAULTS", {(28, 28): "fm-test-tuned"})
     assert sch.default_schedule(28, 28) == s and sch.get_schedule(None, 28, 28) == s
+
+
+def test_shipped_tuned_schedule():
+    """The shipped Fashion-MNIST default: the evaluation's tuned s(t) and lambda(t) (docs/results.md section
+    6), the derived schedule's grid and ELS k(t)."""
+    s = sch.SCHEDULES["fashion-mnist-tuned"]
+    assert sch.default_schedule(28, 28) is s and s.shape == (28, 28)
+    assert s.patch_sizes == (28,) * 7 + (21, 21, 13, 9, 5, 5) + (3,) * 5
+    assert s.els_sizes == sch.FASHION_MNIST.els_sizes and len(s.lambdas) == sch.FASHION_MNIST.steps
 
 
 def test_no_folder_no_schedules(tmp_path):

@@ -96,9 +96,10 @@ def device_name(dev: torch.device) -> str:
 
 
 def memory_mib(cost_row: dict) -> str:
-    """A cost row's peak memory in MiB: the GPU's where the call ran on one, else the resident-set increase."""
+    """A cost row's peak memory in MiB: the GPU's where the call ran on one, else the resident-set increase
+    (0 where the call fit in memory the process already held, e.g. freed by its warm-up call)."""
     gpu = cost_row.get("gpu_peak_bytes")
-    return f"{gpu / 2 ** 20:.0f} GPU" if gpu is not None else f"{cost_row['peak_bytes'] / 2 ** 20:.0f}"
+    return f"{gpu / 2 ** 20:.0f} GPU" if gpu is not None else f"{max(0.0, cost_row['peak_bytes']) / 2 ** 20:.0f}"
 
 
 def rss_bytes() -> int:
@@ -637,17 +638,16 @@ class Eval:
         """The first lines of results.md: every subsample of the run, and why."""
         a, st = self.args, self.res.get("setup", {})
         n = st.get("n_stored", a.n_data)
-        cost = {r["name"]: r for r in self.res.get("cost", {}).get("rows", [])}
         lines = [f"- Training set D: {'all 60,000' if n >= 60000 else f'a seeded random subset of {n} of the 60,000'} "
                  f"Fashion-MNIST training images with x-flips ({2 * n} images) for the optimal, Gaussian, CFDM, "
                  "PSPC-Square and PSPC-Flex denoisers (the network was trained on all 60,000)"
                  + ("." if n >= 60000 else f"; why: {a.reduced_note or 'reduced by --n-data'}.")]
         why = "a call costs ~ B N (H-k+1)^2 (W-k+1)^2 k^2 multiply-adds (every pooled patch at every pixel)"
-        if "els" in cost:
-            c = cost["els"]
-            full = c["seconds"] * 60000 / a.els_images / 3600
-            why += (f"; measured {c['seconds']:.1f} s per call at B = {self.res['cost']['batch']} with this pool, "
-                    f"so ~{full:.0f} h per call with all 60,000")
+        for dev, rows in (self.res.get("cost", {}).get("by_device") or {}).items():
+            c = next(r for r in rows if r["name"] == "els")
+            full = c["seconds"] * 60000 / a.els_images  # linear in the pool
+            why += (f"; measured {c['seconds']:.3g} s per call at B = {self.res['cost']['batch']} with this pool on "
+                    f"{dev}, so ~{full / 60:.0f} min per call with all 60,000")
         lines.append(f"- ELS pools the patches of a seeded random subset of {a.els_images} stored images (+ flips), "
                      f"because {why}. Section 5 shows how its MSE moves with the pool size.")
         if a.n_z_study < a.n_z:
@@ -655,8 +655,7 @@ class Eval:
                          "per t (each size is a full PSPC-Square pass).")
         if a.n_z_lam < a.n_z:
             lines.append(f"- The lambda(t) tuning (section 6) uses the first {a.n_z_lam} of the {a.n_z} forward z "
-                         "per t: every PSPC-Flex call gathers its masks (large at large lambda) from every image, "
-                         "whatever its batch, so each lambda costs about one call per batch of z.")
+                         "per t: each lambda is a PSPC-Flex pass over all images per batch of z.")
         if a.quick:
             lines.append("- QUICK smoke run: tiny sizes throughout; no number here is evidence.")
         if a.reduced_note and n >= 60000:
@@ -752,7 +751,7 @@ class Eval:
         L = [f"Averages over the evaluated t ({len(fwd)} forward, {len(rev)} reverse); seconds and peak memory of "
              f"one call at B = {cr.get('batch', '-')}, t = {cr.get('t', float('nan')):.4g}, patch caches built, "
              "on each device measured (peak memory: the largest resident-set increase during the call, sampled "
-             "every 2 ms; on a GPU the peak GPU memory allocated by torch during the call, marked GPU).", "",
+             "every 2 ms, 0 where the call fit in memory the process already held; on a GPU the peak GPU memory allocated by torch during the call, marked GPU).", "",
              "| denoiser | MSE fwd | r^2 fwd | MSE rev | r^2 rev | "
              + " | ".join(f"s / call, {d} | peak memory (MiB), {d}" for d in costs) + " |",
              "|---|---|---|---|---|" + "---|---|" * len(costs)]
