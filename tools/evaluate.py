@@ -560,7 +560,9 @@ class Eval:
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, label=f"s={s}" + (" (optimal)" if s == H else ""))
             ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("t"), ax.set_ylabel("MSE")
-            ax.set_title(title, fontsize=9), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+            ax.set_title(title, fontsize=9), ax.grid(alpha=0.3)
+            if ax.lines:  # a study not run yet has nothing to label
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(self.out / "eval_patch_sizes.png", dpi=110)
         plt.close(fig)
