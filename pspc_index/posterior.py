@@ -694,6 +694,17 @@ def _masked_images(z: torch.Tensor, data: TrainingSet, flat: torch.Tensor, step:
     return q, chunks
 
 
+def _dense_mask_sum(z, t, data: TrainingSet, flat: torch.Tensor, dtype, chunk) -> torch.Tensor:
+    """The dense formulation's composite sum: sum over the crops (bool [K, H*W]) covering each pixel of
+    their patch posterior means, [B, C, H, W] float64 (not yet divided by the coverage)."""
+    b, c, h, w = z.shape
+    q, chunks = _masked_images(z, data, flat, chunk or tile_keys(z.device))
+    tk = t[:, None].expand(b, len(flat))
+    mean, _ = patch_posterior(q, tk, chunks, dtype or logit_dtype(q, tk, q.shape[-1]))
+    # each crop's mean on its own pixels only
+    return (mean.view(b, -1, c, h * w) * flat.to(mean)[None, :, None]).sum(1).view(b, c, h, w)
+
+
 def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
                    on_weights: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                    dtype: torch.dtype | None = None, chunk: int | None = None,
@@ -715,12 +726,7 @@ def mask_composite(z: torch.Tensor, t, data: TrainingSet, masks: torch.Tensor,
     if dense is None:
         dense = z.device.type == "cuda" or float(flat.sum()) >= DENSE_MIN_FILL * flat.numel()
     if on_weights is None and dense:
-        q, chunks = _masked_images(z, data, flat, chunk or tile_keys(z.device))
-        tk = t[:, None].expand(b, len(flat))
-        mean, _ = patch_posterior(q, tk, chunks, dtype or logit_dtype(q, tk, q.shape[-1]))
-        # each crop's mean on its own pixels, summed over the crops covering each pixel
-        out = (mean.view(b, -1, c, h * w) * flat.to(mean)[None, :, None]).sum(1)
-        return (out.view(b, c, h, w) / cov).to(torch.float32)
+        return (_dense_mask_sum(z, t, data, flat, dtype, chunk) / cov).to(torch.float32)
     out = torch.zeros(b, c, h * w, dtype=torch.float64, device=z.device)
     sizes = flat.sum(1)
     for size in sizes.unique().tolist():
