@@ -64,7 +64,7 @@ def write_routing(den, path, echo: bool = True) -> None:
                                           "steps": steps, "calls": den.history}, indent=1) + "\n")
 
 
-def check_denoiser_options(denoiser, patch_size=None, els: dict | None = None, retrieval: dict | None = None):
+def check_denoiser_options(denoiser, patch_size=None, els: dict | None = None, network=None, heatmaps=None):
     """Refuse options the chosen denoiser would silently ignore."""
     uses_patch = denoiser in ("pspc-square", "els")
     if patch_size is not None and not uses_patch:
@@ -73,6 +73,16 @@ def check_denoiser_options(denoiser, patch_size=None, els: dict | None = None, r
         raise UserError(f"--els-images applies to --denoiser els, not {denoiser}")
     if els and els.get("boundary") not in (None, "broken") and denoiser != "els":
         raise UserError(f"--els-boundary applies to --denoiser els, not {denoiser}")
+    if network is not None and denoiser != "network":
+        raise UserError(f"--network applies to --denoiser network, not {denoiser}")
+    if heatmaps is not None and denoiser != "pspc-flex":
+        raise UserError(f"--heatmaps applies to --denoiser pspc-flex, not {denoiser}")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds seed numpy's SeedSequence (sampling noise, exclusion draws), which takes no negative values."""
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
 
 
 def load_z(path: str, shape) -> torch.Tensor:
@@ -199,7 +209,7 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
     from .schedule import get_schedule
 
     check_device(device)
-    check_denoiser_options(denoiser, patch_size, els)
+    check_denoiser_options(denoiser, patch_size, els, network_path, heatmaps_path)
     sched = get_schedule(schedule, *store.shape[2:])
     if retrieval and retrieval.get("index_path"):
         from .index import faiss_has_gpu, open_bundle
@@ -234,7 +244,7 @@ def build_denoiser(store, denoiser, xflip=True, patch_size=None, schedule=None, 
     from .store import ImageStore
 
     check_device(device)  # before the training set moves to the device
-    check_denoiser_options(denoiser, patch_size, els)
+    check_denoiser_options(denoiser, patch_size, els, network_path, heatmaps_path)
     if not isinstance(store, ImageStore):
         store = ImageStore.open(store)
     excluding = exclusion is not None and len(exclusion.ids) > 0
@@ -310,6 +320,7 @@ def info(store_path, as_json):
 def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size, schedule, xflip, network_path,
             heatmaps_path, device, retrieval, exclusion, els):
     """Denoise z at noise level t and write D(z, t) as .npy."""
+    check_seed(seed)
     from .counterfactual import exclusion as select, included_ids
     from .retrieval import DEFAULT_TOL
     from .store import ImageStore
@@ -321,7 +332,7 @@ def denoise(store_path, z_path, t, n, seed, out, overwrite, denoiser, patch_size
     if z_path is None and n <= 0:
         raise UserError(f"--n must be > 0, got {n}")
     check_device(device)
-    check_denoiser_options(denoiser, patch_size, els)
+    check_denoiser_options(denoiser, patch_size, els, network_path, heatmaps_path)
     claim(out, FILE, overwrite)
     if retrieval["report"] is not None:
         claim(retrieval["report"], FILE, overwrite)
@@ -412,6 +423,7 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
 def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, record, overwrite, denoiser, patch_size,
            schedule, xflip, network_path, heatmaps_path, device, retrieval, exclusion, els):
     """Draw N samples with the PF-ODE; write them (float32 [N, C, H, W]) and a PNG grid beside them."""
+    check_seed(seed)
     from .counterfactual import exclusion as select
     from .distributed import SAMPLES, init_distributed, launched_distributed, resolve_batch, run_meta, sample_to_zarr
     from .retrieval import DEFAULT_TOL
@@ -430,7 +442,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     if split == "locations" and denoiser != "pspc-square":
         raise UserError(f"--split locations splits PSPC-Square's crop locations; not for {denoiser}")
     check_device(device)  # before init_distributed or the batch estimate touch CUDA
-    check_denoiser_options(denoiser, patch_size, els)
+    check_denoiser_options(denoiser, patch_size, els, network_path, heatmaps_path)
     # every output is claimed before any work: a resumed run owns its grid, anything else needs --overwrite
     png = Path(str(out).rsplit(".", 1)[0] + ".png")
     resuming = zarr_out and claim(out, SAMPLES, resume=True).exists()
@@ -467,7 +479,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
     meta = run_meta(store.sha256, denoiser, xflip, patch_size, get_schedule(schedule, *store.shape[2:]).name,
                     resolved, network=network_path or DEFAULT_NETWORK if denoiser == "network" else None,
                     heatmaps=heatmaps_path or DEFAULT_HEATMAPS if denoiser == "pspc-flex" else None,
-                    exclusion=excluded.record())
+                    els=els if denoiser == "els" else None, exclusion=excluded.record())
     x = sample_to_zarr(den, out, n, seed, steps=steps, solver=solver, batch=batch, record=record,
                        progress=True, rank=rank, world=world, meta=meta, split=split)
     if world > 1:
@@ -490,6 +502,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
 @user_errors
 def demo(out_dir, n, seed, n_data):
     """Ingest the bundled Fashion-MNIST, draw N PSPC-Square samples, write a PNG grid."""
+    check_seed(seed)
     from .denoisers import PSPCSquare
     from .ingest import ingest as run_ingest
     from .sampler import sample as run
@@ -540,6 +553,7 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
               patch_size, schedule, xflip, retrieval, exclusion):
     """PSPC-Square attribution: each training image's share of D(z, t) (or of a recorded sample), exact or,
     with --index, over the retrieved candidates."""
+    check_seed(seed)
     from . import attribution as at
     from .counterfactual import exclusion as select
     from .store import ImageStore

@@ -108,6 +108,9 @@ class ImageStore:
             labels = np.asarray(root["labels"][...]) if "labels" in root else None
             return np.asarray(root["images"][...]), labels
 
+        if Path(path).is_file():  # e.g. the .npy of images itself
+            raise UserError(f"{path}: a file, not a pspc-index store (a .zarr folder); make one with "
+                            f"`pspc-index ingest {path} STORE.zarr`")
         meta, (images, labels) = read_group(path, "pspc-index store", "pspc-index-store", arrays)
         return cls(path=Path(path), images=images, labels=labels, meta=meta, sha256=content_hash(images))
 

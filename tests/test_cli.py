@@ -145,6 +145,10 @@ def test_cuda_without_cuda_is_one_line(store, tmp_path, monkeypatch, verb):
     (["--denoiser", "network", "--patch-size", 3], "--patch-size"),
     (["--denoiser", "pspc-square", "--els-images", 5], "--els-images"),
     (["--denoiser", "gaussian", "--els-boundary", "circular"], "--els-boundary"),
+    (["--denoiser", "pspc-square", "--heatmaps", "nowhere.zarr"], "--heatmaps"),
+    (["--denoiser", "network", "--heatmaps", "nowhere.zarr"], "--heatmaps"),
+    (["--denoiser", "pspc-square", "--network", "nowhere"], "--network"),
+    (["--seed", -1], "--seed"),
 ])
 @pytest.mark.parametrize("verb", ["denoise", "sample"])
 def test_ignored_options_refused(store, tmp_path, extra, needle, verb):
@@ -152,6 +156,22 @@ def test_ignored_options_refused(store, tmp_path, extra, needle, verb):
               *(["--t", 0.5] if verb == "denoise" else ["--steps", 2]))
     one_line_refusal(res, needle)
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_els_run_records_its_pool(store, tmp_path):
+    """A resumable ELS run records --els-images and --els-boundary: a resume with others is refused."""
+    base = ["sample", "--store", store, "--n", 2, "--steps", 2, "--denoiser", "els", "--patch-size", 3,
+            "--out", tmp_path / "r.zarr"]
+    assert run(*base, "--els-images", 3).exit_code == 0
+    assert run(*base, "--els-images", 3).exit_code == 0  # the same settings resume
+    for extra in (["--els-images", 2], ["--els-images", 3, "--els-boundary", "circular"]):
+        one_line_refusal(run(*base, *extra), "different settings", "els")
+
+
+def test_a_file_as_store_says_ingest(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 4, 4), np.uint8))
+    one_line_refusal(run("sample", "--store", tmp_path / "x.npy", "--n", 1, "--out", tmp_path / "s.npy"),
+                     "not a pspc-index store", "pspc-index ingest")
 
 
 def test_denoise_out_must_be_npy(store, tmp_path):

@@ -66,6 +66,14 @@ def test_evaluate_quick_extended_on_its_state(tmp_path):
     assert bad.returncode == 2 and "network data/network/fmnist-unet-ft -> data/network/fmnist-unet" in bad.stderr
 
 
+def test_evaluate_out_file_refused(tmp_path):
+    (tmp_path / "f.npy").write_bytes(b"keep")
+    res = subprocess.run([sys.executable, "tools/evaluate.py", "--quick", "--out", str(tmp_path / "f.npy")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "is a file" in res.stderr
+    assert (tmp_path / "f.npy").read_bytes() == b"keep"
+
+
 def test_evaluate_forward_z_prefix_stable():
     """The first n forward z of a grid t are the same for any count (so raised counts reuse units)."""
     spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
