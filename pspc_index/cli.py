@@ -393,7 +393,8 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
         torch.distributed.destroy_process_group()
     if rank != 0:
         return
-    nbytes = sum(f["size"] for f in man["files"].values())
+    # the bundle's bytes on disk: index files and their entries (the manifest lists the index files)
+    nbytes = sum(p.stat().st_size for p in Path(bundle_path).iterdir() if p.is_file())
     rep = {"bundle": str(bundle_path), "patch_sizes": man["patch_sizes"], "kind": kind, "stride": stride,
            "nlist": man["nlist"], "xflip": xflip, "files": len(man["files"]), "bytes": nbytes,
            "store_sha256": man["store_sha256"]}
