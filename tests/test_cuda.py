@@ -140,3 +140,28 @@ def test_trajectory_attribution_and_verify_on_device():
     (sd, rd, cd), (sc, rc, cc) = res["dev"], res["cpu"]
     assert (sd - sc).abs().max() <= 1e-4 and (cd - cc).abs().max() <= 1e-3
     assert [r["removed"] for r in rd] == [r["removed"] for r in rc]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-pq"])
+def test_retrieval_on_device(tmp_path, kind):
+    """The retrieval path with its torch maths on the device (FAISS searches on the CPU without faiss-gpu):
+    certified bound, routing and the output against the CPU float64 exact path."""
+    pytest.importorskip("faiss")
+    from pspc_index.index import build_bundle, open_bundle
+    from pspc_index.retrieval import RetrievalPSPC
+    from pspc_index.store import write_store
+
+    rs = torch.Generator().manual_seed(6)
+    base = torch.randint(0, 256, (40, 1, 4, 4), generator=rs).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    store = write_store(tmp_path / "s.zarr", (base + torch.randint(-6, 7, base.shape, generator=rs)).clamp(0, 255)
+                        .to(torch.uint8).numpy())
+    build_bundle(store.path, tmp_path / "b", [3], stride=2, kind=kind, nlist=4, pq_m=9, progress=False)
+    cpu = store.training_set()
+    bundle = open_bundle(tmp_path / "b", store)
+    for t in (0.01, 0.3):
+        z = noisy(cpu, t)
+        want = PSPCSquare(cpu, patch_size=3, dtype=torch.float64)(z, t)
+        den = RetrievalPSPC(cpu.to(DEV), bundle, k=8, patch_size=3, tol=1e-3)
+        close(den(z.to(DEV), t), want, tol=1e-3 + 1e-5)
+        rep = den.last_report[3]
+        assert rep["certified"] and rep["bound_max"] <= 1e-3

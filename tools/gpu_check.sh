@@ -5,9 +5,11 @@
 #  3. 64 exact samples (18 Euler steps), recorded;
 #  4. attribution of one of them over its trajectory with the top-6 maps and `--verify 10` (2 random
 #     draws): the API work of `pspc-index attribute --trajectory --top 6 --verify 10 --panel`;
-#  5. the top-10 removal check over 64 samples (tools/attribution_check.py --device cuda).
+#  5. the top-10 removal check over 64 samples (tools/attribution_check.py --device cuda);
+#  6. the retrieval path on CUDA against the exact engine (where faiss is installed: faiss-gpu searches on the
+#     GPU, faiss-cpu on the CPU), 5,000 images, s = 3.
 # A failing CUDA test stops it (exit 3): timings of wrong code are not worth the device time.
-# Usage: bash tools/gpu_check.sh [--engine]   (--engine: parts 1-3 only, ~1 minute)
+# Usage: bash tools/gpu_check.sh [--engine]   (--engine: parts 1-3 only, under a minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ENGINE_ONLY=0
@@ -59,3 +61,39 @@ python tools/attribution_check.py --device cuda --samples 64 | python -c "import
 d = json.load(sys.stdin)
 print(f\"\ntop-10 removal over {d['samples']} samples (N = 120,000): median ratio {d['ratio_median']:.1f}, \"
       f\"{100 * d['fraction_ratio_ge_5']:.0f}% >= 5x; seconds {d['seconds']}\")"
+python - <<'PY'
+# 6. the retrieval path with its torch maths on CUDA (FAISS on the GPU with faiss-gpu, else on the CPU)
+import importlib.util, tempfile, time, torch
+if importlib.util.find_spec("faiss") is None:
+    print("\nretrieval: skipped (no faiss on this machine; so were tests/test_cuda.py's retrieval tests)")
+    raise SystemExit
+from pspc_index.denoisers import PSPCSquare
+from pspc_index.index import build_bundle, faiss_has_gpu, open_bundle
+from pspc_index.ingest import read_source
+from pspc_index.retrieval import RetrievalPSPC
+from pspc_index.store import write_store
+
+def clock(fn):
+    torch.cuda.synchronize(); t0 = time.perf_counter(); out = fn(); torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+work = tempfile.mkdtemp()
+store = write_store(f"{work}/s.zarr", read_source("fashion-mnist").images[:5000])
+gpu = faiss_has_gpu()
+_, build_s = clock(lambda: build_bundle(store.path, f"{work}/b", [3], kind="ivf-pq", gpu=gpu, progress=False))
+data = store.training_set().to("cuda")
+bundle = open_bundle(f"{work}/b", store, gpu=gpu)
+print(f"\nretrieval, s = 3, 5,000 images + flips, ivf-pq (FAISS on the {'GPU' if gpu else 'CPU'}), built in "
+      f"{build_s:.1f} s; B = 64, tol 1e-3:\n\n| t | hybrid s | exact s | max abs vs exact | max bound | locations by "
+      "retrieval |\n|---|---|---|---|---|---|")
+g = torch.Generator().manual_seed(0)
+for t in (0.002, 0.06, 0.3):
+    z = (data.get(torch.randint(0, len(data), (64,), generator=g).cuda())
+         + t * torch.randn(64, 1, 28, 28, generator=g).cuda())
+    den, exact = RetrievalPSPC(data, bundle, patch_size=3, tol=1e-3), PSPCSquare(data, patch_size=3)
+    den(z[:1], t), exact(z[:1], t)  # warm-up
+    (got, sec), (want, sec_e) = clock(lambda: den(z, t)), clock(lambda: exact(z, t))
+    rep = den.last_report[3]
+    print(f"| {t:g} | {sec:.3f} | {sec_e:.3f} | {(got - want).abs().max().item():.1e} | {rep['bound_max']:.1e} | "
+          f"{rep['fractions']['retrieval']:.1%} |")
+PY
