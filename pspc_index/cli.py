@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, check_device
-from .index import KINDS
+from .index import KINDS, bundle_bytes
 from .outputs import FILE, claim, save_npy, start_demo_dir, write_grid
 
 DENOISERS = ("empirical", "gaussian", "cfdm", "els", "pspc-square", "pspc-flex", "network")
@@ -393,8 +393,7 @@ def build(store_path, bundle_path, patch_sizes, kind, stride, nlist, pq_m, gpu, 
         torch.distributed.destroy_process_group()
     if rank != 0:
         return
-    # the bundle's bytes on disk: index files and their entries (the manifest lists the index files)
-    nbytes = sum(p.stat().st_size for p in Path(bundle_path).iterdir() if p.is_file())
+    nbytes = bundle_bytes(bundle_path)  # on disk, entries included (the manifest lists the index files only)
     rep = {"bundle": str(bundle_path), "patch_sizes": man["patch_sizes"], "kind": kind, "stride": stride,
            "nlist": man["nlist"], "xflip": xflip, "files": len(man["files"]), "bytes": nbytes,
            "store_sha256": man["store_sha256"]}

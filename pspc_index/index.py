@@ -335,6 +335,12 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(round(n ** 0.5), n // 39)))
 
 
+def bundle_bytes(path, prefix: str = "") -> int:
+    """Bytes on disk of a bundle's files whose names start with prefix (all: index files, their entries and
+    the manifest; "s3_": one patch size's)."""
+    return sum(f.stat().st_size for f in Path(path).glob(f"{prefix}*") if f.is_file())
+
+
 def file_name(s: int, by: int, bx: int) -> str:
     return f"s{s}_b{by}_{bx}.faiss"
 

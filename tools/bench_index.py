@@ -33,7 +33,7 @@ import torch
 
 from pspc_index.denoisers import PSPCSquare
 from pspc_index.errors import UserError
-from pspc_index.index import blocks, build_bundle, open_bundle
+from pspc_index.index import blocks, build_bundle, bundle_bytes, open_bundle
 from pspc_index.ingest import read_source
 from pspc_index.retrieval import DEFAULT_TOL, RetrievalPSPC, routing_summary
 from pspc_index.sampler import sample
@@ -41,10 +41,6 @@ from pspc_index.schedule import FASHION_MNIST
 from pspc_index.store import ImageStore, write_store
 
 KERNEL_ROUNDING = 4e-6  # the kernel's own rounding of a patch mean (posterior.py), beyond any bound
-
-
-def dir_bytes(path: Path, prefix: str = "") -> int:
-    return sum(f.stat().st_size for f in Path(path).glob(f"{prefix}*") if f.is_file())
 
 
 def recall_at_k(data, bundle, z, s, k, positions, nprobe, g) -> float:
@@ -176,8 +172,8 @@ def run(a) -> dict:
                                                progress=False))
         pixel_bytes = int(np.prod(store.images.shape))
         state["build"] = {"seconds": round(secs, 1), "resumed": resumed, "kind": a.kind, "nlist": man["nlist"],
-                          "store_bytes": pixel_bytes, "bytes": dir_bytes(work / "bundle", "s"),
-                          "over_store_per_size": {str(s): round(dir_bytes(work / "bundle", f"s{s}_") / pixel_bytes, 3)
+                          "store_bytes": pixel_bytes, "bytes": bundle_bytes(work / "bundle", "s"),
+                          "over_store_per_size": {str(s): round(bundle_bytes(work / "bundle", f"s{s}_") / pixel_bytes, 3)
                                                   for s in sizes}}
         save_state(work / "state.json", state)
         print(json.dumps({"build": state["build"]}), file=sys.stderr, flush=True)

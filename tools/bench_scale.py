@@ -51,37 +51,41 @@ def shifted_fashion_mnist(n: int, g: torch.Generator) -> np.ndarray:
     return out
 
 
+def smooth_fields(n: int, g: torch.Generator) -> np.ndarray:
+    """n 32x32 RGB smooth random colour fields (module docstring) -> uint8 [n, 3, 32, 32]."""
+    parts = []
+    for start in range(0, n, 50000):
+        b = min(50000, n - start)
+        coarse = torch.nn.functional.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=32, mode="bilinear")
+        fine = torch.nn.functional.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=32, mode="bilinear")
+        x = 0.7 * coarse + 0.3 * fine + 0.03 * torch.randn(b, 3, 32, 32, generator=g)
+        parts.append((x.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    return np.concatenate(parts)
+
+
 def generate(a) -> dict:
     from pspc_index.store import write_store
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     if a.source == "fashion-mnist":
-        store = write_store(a.store, shifted_fashion_mnist(a.n, g),
-                            source=f"Fashion-MNIST shifted by <= 2 px and flipped, seed 0, n={a.n}")
-        return {"images": a.n, "seconds": round(time.perf_counter() - t0, 1),
-                "store_pixel_bytes": int(np.prod(store.images.shape)), "sha256": store.sha256[:12]}
-    parts = []
-    for start in range(0, a.n, 50000):
-        b = min(50000, a.n - start)
-        coarse = torch.nn.functional.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=32, mode="bilinear")
-        fine = torch.nn.functional.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=32, mode="bilinear")
-        x = 0.7 * coarse + 0.3 * fine + 0.03 * torch.randn(b, 3, 32, 32, generator=g)
-        parts.append((x.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
-    store = write_store(a.store, np.concatenate(parts), source=f"generated smooth fields, seed 0, n={a.n}")
+        images, what = shifted_fashion_mnist(a.n, g), "Fashion-MNIST shifted by <= 2 px and flipped"
+    else:
+        images, what = smooth_fields(a.n, g), "generated smooth fields"
+    store = write_store(a.store, images, source=f"{what}, seed 0, n={a.n}")
     return {"images": a.n, "seconds": round(time.perf_counter() - t0, 1),
             "store_pixel_bytes": int(np.prod(store.images.shape)), "sha256": store.sha256[:12]}
 
 
 def build(a) -> dict:
-    from pspc_index.index import build_bundle
+    from pspc_index.index import build_bundle, bundle_bytes
 
     t0 = time.perf_counter()
     man = build_bundle(a.store, a.bundle, [a.s], stride=a.stride, kind=a.kind, xflip=a.xflip, nlist=a.nlist,
                        progress=True)
     return {"kind": a.kind, "stride": a.stride, "nlist": man["nlist"], "files": len(man["files"]),
             "seconds": round(time.perf_counter() - t0, 1),
-            "bundle_bytes": sum(p.stat().st_size for p in Path(a.bundle).iterdir() if p.is_file())}
+            "bundle_bytes": bundle_bytes(a.bundle)}
 
 
 def query(a) -> dict:

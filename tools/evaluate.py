@@ -102,6 +102,11 @@ def memory_mib(cost_row: dict) -> str:
     return f"{gpu / 2 ** 20:.0f} GPU" if gpu is not None else f"{max(0.0, cost_row['peak_bytes']) / 2 ** 20:.0f}"
 
 
+def cost_row(name: str, unit: dict) -> dict:
+    """A cost unit as a table row: its measurements under the denoiser's name, without the unit's metadata."""
+    return dict(name=name, **{k: v for k, v in unit.items() if k not in UNIT_META})
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -308,15 +313,13 @@ class Eval:
                 return dict(seconds=sec, peak_bytes=float(mem), rss_before=float(rss_bytes()),
                             device=device_name(self.dev),
                             gpu_peak_bytes=float(torch.cuda.max_memory_allocated(self.dev)) if gpu else None)
-            rows.append(dict(name=name, **{k: v for k, v in self.unit(f"cost_{kind}{name}", run).items()
-                                           if k not in UNIT_META}))
+            rows.append(cost_row(name, self.unit(f"cost_{kind}{name}", run)))
             print(f"[cost] {name}: {rows[-1]['seconds']:.2f} s, {memory_mib(rows[-1])} MiB", flush=True)
-        by_device = {}
-        for other in ("", "cuda_"):  # every device kind's units in the state, this run's included
-            done = [(n, self.state / f"cost_{other}{n}.pt") for n in ["network"] + DEN_NAMES]
-            if all(p.exists() for _, p in done):
-                part = [dict(name=n, **{k: v for k, v in torch.load(p).items() if k not in UNIT_META}) for n, p in done]
-                by_device[part[0]["device"]] = part
+        by_device = {rows[0]["device"]: rows}
+        other = [self.state / f"cost_{'cuda_' if not kind else ''}{n}.pt" for n in ["network"] + DEN_NAMES]
+        if all(p.exists() for p in other):  # the other device kind's, measured by an earlier run
+            part = [cost_row(n, torch.load(p)) for n, p in zip(["network"] + DEN_NAMES, other)]
+            by_device[part[0]["device"]] = part
         self.res["cost"] = dict(t=t, batch=len(z), rows=rows, by_device=by_device)
 
     # ------------------------------------------------------------------ shared by forward and reverse
