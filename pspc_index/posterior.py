@@ -23,6 +23,10 @@ Every exact path is a choice of groups and keys:
                     (CUDA, large crops) every crop a masked whole image against shared whole-image keys.
   retrieval.py      exact rescoring of gathered candidates (one group per query, its crop locations as
                     masked queries over the candidates' windows) and of a shared tail sample.
+A third formulation serves keys that differ per query and come as ranges of one key array (projection
+cells, projection.py): `ragged_terms`, compiled (numba), adds a range's exact terms to one query's running
+softmax state in float64 (distances ||z - x||^2 formed directly, no logit dtype to choose); its Python
+entry point is `ragged_posterior`.
 
 Horizontal flips (the training set's second half) never become keys: the flip of image i at location
 (y, x) is the mirror of image i at (y, W - sw - x), so the flipped half is the original keys queried
@@ -46,6 +50,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -761,3 +767,70 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, on_weights=None
     if coverage is not None:
         raise ValueError("coverage applies to square crop sets")
     return mask_composite(z, t, data, crops.masks(), on_weights=on_weights, dtype=dtype, chunk=chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# ragged keys: every query its own ranges of one key array (projection cells), compiled
+# ------------------------------------------------------------------------------------------------
+
+PIXEL = np.arange(256) / 127.5 - 1  # uint8 value -> pixel in [-1, 1]
+
+
+@numba.njit(cache=True, fastmath=False)
+def ragged_terms(z, inv_2t2, u8, counts, j0, j1, state):
+    """Add the exact terms count_j e^(-||z - x_j||^2 inv_2t2) of keys j0..j1-1 to one query's softmax state.
+
+    z [d] float64 query patch in [-1, 1]; inv_2t2 = 1 / 2t^2 (t the EDM sigma); u8 [E, d] uint8 keys
+    (x = u / 127.5 - 1); counts [E] int64 multiplicities (log count enters the logit: exact for identical
+    keys); state [d + 2] float64 (m, s, acc): running max logit m (-inf: empty), sum of e^(l - m), and
+    sum of e^(l - m) x. Terms below e^EXP_FLOOR of the running max are dropped, as in the other forms."""
+    d = z.shape[0]
+    for j in range(j0, j1):
+        dist = 0.0
+        for k in range(d):
+            diff = z[k] - PIXEL[u8[j, k]]
+            dist += diff * diff
+        c = counts[j]
+        logit = -dist * inv_2t2 + (0.0 if c == 1 else math.log(c))
+        if logit > state[0]:  # a new running max: rescale what was summed
+            scale = math.exp(state[0] - logit) if state[0] > -math.inf else 0.0
+            state[1] *= scale
+            for k in range(d):
+                state[2 + k] *= scale
+            state[0] = logit
+        if logit - state[0] >= EXP_FLOOR:
+            w = math.exp(logit - state[0])
+            state[1] += w
+            for k in range(d):
+                state[2 + k] += w * PIXEL[u8[j, k]]
+
+
+@numba.njit(parallel=True, cache=True)
+def _ragged(q, inv_2t2, u8, counts, ptr, lo, hi, out):
+    for p in numba.prange(q.shape[0]):
+        state = np.zeros(q.shape[1] + 2)
+        state[0] = -np.inf
+        for r in range(ptr[p], ptr[p + 1]):
+            ragged_terms(q[p], inv_2t2[p], u8, counts, lo[r], hi[r], state)
+        out[p] = state
+
+
+def ragged_posterior(q: torch.Tensor, t: torch.Tensor, u8: torch.Tensor, counts: torch.Tensor, ptr: torch.Tensor,
+                     lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact posterior of each query over its own key ranges, float64 throughout (`ragged_terms`).
+
+    q [n, d] float64 queries in [-1, 1]; t [n] float64 (EDM sigma); keys u8 [E, d] uint8 with counts [E]
+    int64; query p's keys are the ranges lo[r]..hi[r]-1 for r in ptr[p]..ptr[p+1]-1 (ptr [n + 1], lo, hi
+    [R] int64). Returns (mean [n, d] float64, log_z [n] float64 = log sum_j count_j e^(-||z - x_j||^2 / 2t^2),
+    with the row constant, unlike `patch_posterior`'s lse); a query without keys has log_z -inf, mean NaN."""
+    n, d = q.shape
+    out = np.empty((n, d + 2))
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _ragged(q.numpy(), (0.5 / t ** 2).numpy(), u8.numpy(), counts.numpy(), ptr.numpy(), lo.numpy(), hi.numpy(), out)
+    return ragged_state(torch.from_numpy(out))
+
+
+def ragged_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax states [n, d + 2] (`ragged_terms`) -> (mean [n, d], log_z [n]) float64."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return state[:, 2:] / state[:, 1:2], state[:, 0] + torch.log(state[:, 1])

@@ -73,6 +73,7 @@ from .distributed import all_reduce_sum, split_range
 from .errors import UserError
 from .geometry import SquareCrops
 from .index import RANKS, Bundle, blocks, crop_mask, window_u8
+from .projection import MAX_DIM, SCORE_CAP, build_cells, projection_posterior
 from .posterior import (CHUNK_ELEMENTS, KEYS_PER_TILE, KeyChunk, keys_per_chunk, logit_dtype, merge,
                         patch_posterior, square_patches, stored_key_chunks, unfold_u8)
 from .schedule import Schedule
@@ -360,7 +361,7 @@ class RetrievalPSPC(PSPCSquare):
     def __init__(self, data: TrainingSet, bundle: Bundle, k: int = 1024, tail: str = "none", m: int = 4096,
                  seed: int = 0, patch_size: int | None = None, schedule: Schedule | None = None,
                  tol: float | None = None, nprobe: int | None = None, dtype: torch.dtype | None = None,
-                 delta: float = TAIL_DELTA, predict: bool = True):
+                 delta: float = TAIL_DELTA, predict: bool = True, projection: bool = True):
         super().__init__(data, patch_size=patch_size, schedule=schedule, dtype=dtype)
         if tail not in ("sample", "none"):
             raise UserError(f"--tail must be 'sample' or 'none', got {tail!r}")
@@ -374,7 +375,8 @@ class RetrievalPSPC(PSPCSquare):
             raise UserError(f"{bundle.path}: built for {bundle.manifest['shape']} with xflip={bundle.xflip}, "
                             f"the training set is {[data.n_stored, *data.shape]} with xflip={data.xflip}")
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
-        self.nprobe, self.delta, self.predict = nprobe, delta, predict
+        self.nprobe, self.delta, self.predict, self.projection = nprobe, delta, predict, projection
+        self._cells: dict = {}
         self.last_report: dict[int, dict] = {}
         self.history: list[dict] = []
         self._tail_ids: dict[tuple, torch.Tensor] = {}
@@ -394,41 +396,53 @@ class RetrievalPSPC(PSPCSquare):
             self.last_report[s] = {"path": "exact" if s >= max(h, w) else "exact (s not in bundle)"}
             return super().patch_mean(z, t, s, on_weights)
         t = t.to(torch.float64)
-        skip = self.diffuse(t, s)
+        projects = self.projects(s, on_weights)
+        skip = self.diffuse(t, s, int(SCORE_CAP * len(self.included)) if projects else self.k)
         out, rep = torch.empty_like(z), None
         keep = (~skip).nonzero().flatten()
         if len(keep):
             kd = keep.to(z.device)
-            out[kd], rep = self.retrieve(z[kd], t[keep], s, rows_hook(on_weights, keep))
+            if projects:
+                out[kd], rep = self.project(z[kd], t[keep], s)
+            else:
+                out[kd], rep = self.retrieve(z[kd], t[keep], s, rows_hook(on_weights, keep))
         if bool(skip.any()):
             sk = skip.nonzero().flatten()
             out[sk.to(z.device)] = super().patch_mean(z[sk.to(z.device)], t[sk], s, rows_hook(on_weights, sk))
-        self.last_report[s] = self.step_report(rep, skip, s)
+        self.last_report[s] = self.step_report(rep, skip, s, projects)
         self.history.append({"s": s, "t_min": float(t.min()), "t_max": float(t.max()), "queries": len(t),
                              **{key: self.last_report[s][key] for key in SUMMARY}})
         return out
 
-    def diffuse(self, t: torch.Tensor, s: int) -> torch.Tensor:
+    def projects(self, s: int, on_weights=None) -> bool:
+        """Whether size s is certified by projection cells (projection.py) instead of the bundle's index:
+        with a tol, crops of at most MAX_DIM values, on the CPU, and no attribution (on_weights None)."""
+        c = self.data.shape[0]
+        return (self.projection and self.tol is not None and c * s * s <= MAX_DIM and on_weights is None
+                and self.device.type == "cpu")
+
+    def diffuse(self, t: torch.Tensor, s: int, k: int | None = None) -> torch.Tensor:
         """The skip predictor: bool [B], queries (noise levels t [B]) whose size-s step runs exact without
         searching, where a routing tol is set and the bundle's neighbour statistics predict that k entries
-        cannot hold the posterior: 2 eps_pred > tol, eps_pred = N e^(-Delta / 2t^2) / (1 + N e^(-Delta / 2t^2))
+        (default self.k; projection cells score up to SCORE_CAP N) cannot hold the posterior: 2 eps_pred > tol, eps_pred = N e^(-Delta / 2t^2) / (1 + N e^(-Delta / 2t^2))
         with Delta the median squared distance from a training crop to its r-th nearest distinct crop, r
         the largest recorded rank <= k (`index.neighbour_stats`; None there: no such neighbour, no skip)."""
         stats = self.bundle.manifest.get("neighbours", {}).get(str(s))
         if self.tol is None or stats is None or not self.predict:
             return torch.zeros(len(t), dtype=torch.bool)
-        delta = stats[max(i for i, r in enumerate(RANKS) if r <= self.k)]
+        delta = stats[max(i for i, r in enumerate(RANKS) if r <= (k or self.k))]
         if delta is None:
             return torch.zeros(len(t), dtype=torch.bool)
         log_mass = math.log(len(self.included)) - delta / (2 * t.cpu() ** 2)
         return 2 * torch.sigmoid(log_mass) > self.tol
 
-    def step_report(self, rep: dict | None, skip: torch.Tensor, s: int) -> dict:
+    def step_report(self, rep: dict | None, skip: torch.Tensor, s: int, projects: bool = False) -> dict:
         """The call's report for size s (module docstring): the retrieval report of the searched queries
         `rep` (None: none searched) with the skipped queries' rows (routed, no bound) filled in."""
         c, h, w = self.data.shape
         b, gh, gw = len(skip), h - s + 1, w - s + 1
         full = {"path": "retrieval" if rep is not None else "exact (skipped: predicted diffuse)", "s": s,
+                "certificate": "projection cells" if projects else "index cells",
                 "k": self.k, "tail": self.tail, "m": self.m, "kind": self.bundle.kind, "stride": self.bundle.stride,
                 "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"), "tol": self.tol}
         keep = ~skip
@@ -533,14 +547,22 @@ class RetrievalPSPC(PSPCSquare):
                            ("rel_se", rel_se), ("via_tail", (via_tail & keep).double()), ("tail_bound", conf),
                            ("tail_unmet", unmet.double())):
                 rep[key][:, r0:r0 + ph, c0:c0 + pw] = v.T.reshape(b, ph, pw)
+        return self.route(z, t, s, out, rep, inv_cov, on_weights)
+
+    def route(self, z, t, s, out, rep, inv_cov, on_weights=None):
+        """Step 5 for a call's composite out [B, C, H, W] float64 of the certified locations: the locations
+        rep["routed"] marks recomputed by the exact kernel (`exact_pairs`) and added, the report reduced over
+        a location split and its per-pixel bound made -> (output z.dtype, report)."""
+        c, h, w = self.data.shape
+        b, gh, gw = len(z), h - s + 1, w - s + 1
         routed = rep["routed"] > 0
         if bool(routed.any()):
             qb, ly, lx = routed.nonzero(as_tuple=True)
             d = c * s * s
-            pm = torch.zeros(gh * gw, b, d, dtype=torch.float64, device=dev)
+            pm = torch.zeros(gh * gw, b, d, dtype=torch.float64, device=z.device)
             pm[ly * gw + lx, qb] = self.exact_pairs(z, t, s, ly * gw + lx, qb, inv_cov, on_weights)
             out += fold_window(pm, c, h, w, s) * inv_cov
-        if world > 1:
+        if self.locations[1] > 1:
             for x in (out, *rep.values()):
                 all_reduce_sum(x)
         rep = {key: v.cpu() for key, v in rep.items()}
@@ -550,6 +572,36 @@ class RetrievalPSPC(PSPCSquare):
         per_loc = rep["bound"].masked_fill(rep["routed"], 0).flatten(1)
         rep["pixel_bound"] = SquareCrops(h, w, s).uncrop(per_loc) * (1 / SquareCrops(h, w, s).coverage)
         return out.to(z.dtype), rep
+
+    def project(self, z, t, s):
+        """Composite of patch size s certified by projection cells (projection.py), routed per location like
+        `retrieve` -> (output [B, C, H, W] z.dtype, report). z [B, C, H, W] in [-1, 1]; t [B] float64 (EDM
+        sigma). Runs on the CPU (the cells live there); under a location split, on this process's rows."""
+        c, h, w = self.data.shape
+        b, gh, gw, dev = len(z), h - s + 1, w - s + 1, z.device
+        inv_cov = (1 / SquareCrops(h, w, s).coverage).to(dev)
+        rank, world = self.locations
+        mine = split_range(gh, rank, world)
+        if s not in self._cells:
+            self._cells[s] = build_cells(self.data, s, rows=mine)
+        pc = self._cells[s]
+        # every (location, query) pair of this process's rows, location-major
+        locs = torch.arange(mine.start * gw, mine.stop * gw)
+        loc, qb = locs.repeat_interleave(b), torch.arange(b).repeat(len(locs))
+        q = unfold_u8(z.detach().to("cpu", torch.float64), s, s)
+        mean, log_zs, eps, _ = projection_posterior(q[loc, qb], t.cpu()[qb], pc, loc, self.tol)
+        bound = 2 * eps
+        route = bound > self.tol
+        pm = torch.zeros(gh * gw, b, c * s * s, dtype=torch.float64)
+        pm[loc, qb] = torch.where(route[:, None], 0.0, mean.nan_to_num())
+        out = (fold_window(pm, c, h, w, s) * inv_cov.cpu()).to(dev)
+        rep = {key: torch.zeros(b, gh, gw, dtype=torch.float64) for key in
+               ("eps_bar", "bound", "routed", "log_z", "rel_se", "via_tail", "tail_unmet")}
+        rep["tail_bound"] = torch.full((b, gh, gw), math.nan, dtype=torch.float64)
+        for key, v in (("eps_bar", eps), ("bound", bound), ("routed", route.double()), ("log_z", log_zs)):
+            rep[key].view(b, -1)[qb, loc] = v
+        rep = {key: v.to(dev) for key, v in rep.items()}
+        return self.route(z, t, s, out, rep, inv_cov)
 
     def search(self, zw: torch.Tensor, s: int, by: int, bx: int, blk: Block):
         """Step 1: candidate entries [B, k'] (int64, nearest first by the index's distance, -1 where none)

@@ -77,7 +77,7 @@ def test_bound_holds_at_every_location(smooth, kind, tail):
         z = queries(data, t)
         oracle = naive_composite(data, z, t, 3)
         for tol in (None, 1e-3, 0.3):
-            den = RetrievalPSPC(data, without_predictor(bundles[kind]), k=16, tail=tail, m=16, patch_size=3, tol=tol,
+            den = RetrievalPSPC(data, without_predictor(bundles[kind]), k=16, tail=tail, m=16, patch_size=3, projection=False, tol=tol,
                                 dtype=torch.float64)
             out = den(z, t).double()
             rep = den.last_report[3]
@@ -88,7 +88,8 @@ def test_bound_holds_at_every_location(smooth, kind, tail):
                 assert err.max() <= tol + 1e-6 and rep["bound_max"] <= tol
                 assert abs(sum(rep["fractions"].values()) - 1) < 1e-12
                 certified += (rep["bound"] < 1)[~rep["routed"]].sum()
-    # the bound is not vacuous: IVF cells certify locations (flat at stride 2 only with everything scored)
+    # the bound is not vacuous: IVF cells certify locations (flat at stride 2 only with everything scored);
+    # the index path here (projection cells, which would take these 3x3 crops, in tests/test_projection.py)
     assert (certified > 0) == kind.startswith("ivf")
 
 
@@ -98,7 +99,7 @@ def test_flat_stride_one_all_candidates_certified(tmp_path):
     build_bundle(store.path, tmp_path / "b", [3], stride=1, kind="flat", progress=False)
     data = store.training_set()
     z = queries(data, 0.02)
-    den = RetrievalPSPC(data, open_bundle(tmp_path / "b", store), k=len(data), tail="none", patch_size=3,
+    den = RetrievalPSPC(data, open_bundle(tmp_path / "b", store), k=len(data), tail="none", patch_size=3, projection=False,
                         dtype=torch.float64, tol=1e-9)
     out = den(z, 0.02)
     assert den.last_report[3]["fractions"]["retrieval"] == 1 and den.last_report[3]["bound_max"] == 0
@@ -186,7 +187,7 @@ def test_predictor_skips_diffuse_steps(smooth):
     store, bundles = smooth
     data = store.training_set()
     t = torch.tensor([0.001, 30.0], dtype=torch.float64)
-    den = RetrievalPSPC(data, bundles["flat"], k=8, tail="none", patch_size=3, tol=1e-3)
+    den = RetrievalPSPC(data, bundles["flat"], k=8, tail="none", patch_size=3, projection=False, tol=1e-3)
     assert den.diffuse(t, 3).tolist() == [False, True]
     z = queries(data, 1.0, b=2)
     out = den(z, t)
@@ -195,7 +196,7 @@ def test_predictor_skips_diffuse_steps(smooth):
     np.testing.assert_allclose(out[1:].double().numpy(), naive_composite(data, z[1:], 30.0, 3).numpy(), atol=1e-6)
     assert not RetrievalPSPC(data, bundles["flat"], k=8, patch_size=3).diffuse(t, 3).any()  # no tol: no skip
     # predictor off: the diffuse query searches too, and stays within tol of exact (routed where uncertified)
-    off = RetrievalPSPC(data, bundles["flat"], k=8, tail="none", patch_size=3, tol=1e-3, predict=False)
+    off = RetrievalPSPC(data, bundles["flat"], k=8, tail="none", patch_size=3, projection=False, tol=1e-3, predict=False)
     assert not off.diffuse(t, 3).any()
     out = off(z, t)
     assert off.last_report[3]["fractions"]["skipped"] == 0
@@ -297,7 +298,7 @@ def test_tail_bound_in_retrieval_and_its_routing(tmp_path):
     # pixels are covered by one crop each (miss rate <= delta), every pixel by at most 9 (<= 9 delta)
     corner = every = total_c = total_e = 0
     for seed in range(40):
-        den = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, seed=seed, patch_size=3, delta=delta,
+        den = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, seed=seed, patch_size=3, projection=False, delta=delta,
                             dtype=torch.float64)
         err = (den(z, t).double() - oracle).abs()[:, 0]
         rep = den.last_report[3]
@@ -309,13 +310,13 @@ def test_tail_bound_in_retrieval_and_its_routing(tmp_path):
         total_c, total_e = total_c + 4 * len(z), total_e + over.numel()
     assert corner <= delta * total_c and every <= 9 * delta * total_e
     # a tol the tail cannot meet: those locations go to exact, and the report says so
-    strict = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, patch_size=3, tol=1e-4, dtype=torch.float64)
+    strict = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, patch_size=3, projection=False, tol=1e-4, dtype=torch.float64)
     err = (strict(z, t).double() - oracle).abs()
     rep = strict.last_report[3]
     assert rep["tail_unmet"] > 0 and "routed to the exact kernel" in rep["note"] and rep["fractions"]["exact"] > 0
     assert err.max() <= 1e-4 and rep["certified"] and strict.history[-1]["tail_unmet"] == rep["tail_unmet"]
     # a loose tol: locations whose certified bound exceeds it but the tail's meets it rest on the tail
-    loose = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, patch_size=3, tol=0.1, delta=delta,
+    loose = RetrievalPSPC(data, bundle, k=16, tail="sample", m=100, patch_size=3, projection=False, tol=0.1, delta=delta,
                           dtype=torch.float64)
     err = (loose(z, t).double() - oracle).abs()
     rep = loose.last_report[3]
