@@ -776,7 +776,7 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, on_weights=None
 PIXEL = np.arange(256) / 127.5 - 1  # uint8 value -> pixel in [-1, 1]
 
 
-@numba.njit(cache=True, fastmath=False)
+@numba.njit
 def ragged_terms(z, inv_2t2, u8, counts, j0, j1, state):
     """Add the exact terms count_j e^(-||z - x_j||^2 inv_2t2) of keys j0..j1-1 to one query's softmax state.
 
@@ -785,27 +785,32 @@ def ragged_terms(z, inv_2t2, u8, counts, j0, j1, state):
     keys); state [d + 2] float64 (m, s, acc): running max logit m (-inf: empty), sum of e^(l - m), and
     sum of e^(l - m) x. Terms below e^EXP_FLOOR of the running max are dropped, as in the other forms."""
     d = z.shape[0]
+    # 1. the range's logits and their max (the running max moves once per range)
+    logits = np.empty(j1 - j0)
+    top = state[0]
     for j in range(j0, j1):
         dist = 0.0
         for k in range(d):
             diff = z[k] - PIXEL[u8[j, k]]
             dist += diff * diff
         c = counts[j]
-        logit = -dist * inv_2t2 + (0.0 if c == 1 else math.log(c))
-        if logit > state[0]:  # a new running max: rescale what was summed
-            scale = math.exp(state[0] - logit) if state[0] > -math.inf else 0.0
-            state[1] *= scale
-            for k in range(d):
-                state[2 + k] *= scale
-            state[0] = logit
-        if logit - state[0] >= EXP_FLOOR:
-            w = math.exp(logit - state[0])
+        logits[j - j0] = -dist * inv_2t2 + (0.0 if c == 1 else math.log(c))
+        top = max(top, logits[j - j0])
+    if top > state[0]:  # a new running max: rescale what was summed
+        scale = math.exp(state[0] - top) if state[0] > -math.inf else 0.0
+        for k in range(d + 1):
+            state[1 + k] *= scale
+        state[0] = top
+    # 2. the terms relative to it, summed with their pixels
+    for j in range(j0, j1):
+        if logits[j - j0] - top >= EXP_FLOOR:
+            w = math.exp(logits[j - j0] - top)
             state[1] += w
             for k in range(d):
                 state[2 + k] += w * PIXEL[u8[j, k]]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)  # not cached: a cache would not see changes to ragged_terms
 def _ragged(q, inv_2t2, u8, counts, ptr, lo, hi, out):
     for p in numba.prange(q.shape[0]):
         state = np.zeros(q.shape[1] + 2)

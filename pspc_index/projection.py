@@ -176,7 +176,7 @@ def query_coords(q: torch.Tensor, pc: ProjectionCells, loc: torch.Tensor) -> tor
     return torch.cat([y, rho[:, None]], 1)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)  # not cached: a cache would not see changes to ragged_terms
 def _certify(q, inv_2t2, coords, loc, lo, hi, count, start, u8, counts, log_tol4, cap, out, eps, keys):
     n, d = q.shape
     lmax, r1 = lo.shape[1], lo.shape[2]

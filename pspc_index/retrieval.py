@@ -465,6 +465,8 @@ class RetrievalPSPC(PSPCSquare):
         full["certified"] = not bool(tail.any())
         full["confidence"] = 1.0 if full["certified"] else 1 - self.delta
         full["tail_unmet"] = float(full["tail_unmet"].sum()) / total
+        # projection cells are built on a size's first call (in memory, per process): their seconds
+        full["cells_seconds"] = self._cells[s].seconds if projects and s in self._cells else None
         full["note"] = (f"tail sample: its confidence bound exceeded tol {self.tol:g} at {full['tail_unmet']:.1%} "
                         "of locations, routed to the exact kernel") if full["tail_unmet"] > 0 else None
         return full

@@ -6,8 +6,9 @@ default index (--kind) built once for every size of the schedule below full size
 per patch size against the store's pixel bytes),
 for every t of the 18-step schedule (--ts to choose): one batch of --batch forward-process queries
 z = x + t eps (seeded by the step), the exact engine (PSPCSquare) and the hybrid (RetrievalPSPC with the
-CLI's defaults: k, tol = retrieval.DEFAULT_TOL, tail none) each warmed up on one query, then timed on the
-batch. Per t: the path mix (fractions of crop locations by retrieval, tail, exact, skipped search),
+CLI's defaults: k, tol = retrieval.DEFAULT_TOL, tail none; 3x3 crops certified by projection cells, which
+its warm-up builds: cells_build_seconds; --no-projection: the index's cells only) each warmed up on one
+query, then timed on the batch. Per t: the path mix (fractions of crop locations by retrieval, tail, exact, skipped search),
 seconds per call of both, MSE and max abs error of the hybrid against exact, the reported bound per pixel
 (the composite's certified bound, `pixel_bound`) beside the measured error, and the fraction of pixels
 where bound >= error (also with the kernel's own rounding, 4e-6, added to the bound); optionally
@@ -81,7 +82,7 @@ def step_row(data, bundle, sched, i, a, g_recall) -> dict:
     z = data.get(idx) + t * torch.randn(a.batch, *data.shape, generator=g)
     exact_den = PSPCSquare(data, schedule=sched)
     hybrid = RetrievalPSPC(data, bundle, k=a.k, tail=a.tail, m=a.m, schedule=sched, tol=a.tol, nprobe=a.nprobe,
-                           predict=not a.no_skip)
+                           predict=not a.no_skip, projection=not a.no_projection)
     warm = {"exact": timed(lambda: exact_den(z[:1], t))[1], "hybrid": timed(lambda: hybrid(z[:1], t))[1]}
     exact, exact_s = timed(lambda: exact_den(z, t))
     got, secs = timed(lambda: hybrid(z, t))
@@ -93,6 +94,7 @@ def step_row(data, bundle, sched, i, a, g_recall) -> dict:
             "fractions": rep.get("fractions", {"retrieval": 0.0, "tail": 0.0, "exact": 1.0, "skipped": 0.0}),
             "seconds": round(secs, 3), "exact_seconds": round(exact_s, 3), "speedup": round(exact_s / secs, 2),
             "warmup_seconds": {key: round(v, 3) for key, v in warm.items()},
+            "certificate": rep.get("certificate"), "cells_build_seconds": rep.get("cells_seconds"),
             "mse_vs_exact": float((err ** 2).mean()), "max_abs_vs_exact": float(err.abs().max()),
             "bound_max": float(bound.max()), "bound_median": float(bound.median()),
             "bound_holds": float((px_err <= bound).double().mean()),
@@ -105,7 +107,7 @@ def step_row(data, bundle, sched, i, a, g_recall) -> dict:
 def sampling(data, bundle, sched, a) -> dict:
     """--samples hybrid samples against as many exact-only ones from the same initial noise, both timed."""
     hybrid = RetrievalPSPC(data, bundle, k=a.k, tail=a.tail, m=a.m, schedule=sched, tol=a.tol, nprobe=a.nprobe,
-                           predict=not a.no_skip)
+                           predict=not a.no_skip, projection=not a.no_projection)
     x_h, secs = timed(lambda: sample(hybrid, a.samples, 0, steps=sched.steps, batch=a.batch))
     x_e, exact_s = timed(lambda: sample(PSPCSquare(data, schedule=sched), a.samples, 0, steps=sched.steps,
                                         batch=a.batch))
@@ -156,7 +158,8 @@ def run(a) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     settings = {"n_data": a.n_data, "batch": a.batch, "k": a.k, "tol": a.tol, "tail": a.tail, "m": a.m,
                 "kind": a.kind, "stride": a.stride, "nprobe": a.nprobe, "samples": a.samples,
-                "recall_positions": a.recall_positions, **({"no_skip": True} if a.no_skip else {}), "threads": torch.get_num_threads()}
+                "recall_positions": a.recall_positions, **({"no_skip": True} if a.no_skip else {}),
+                **({"no_projection": True} if a.no_projection else {}), "threads": torch.get_num_threads()}
     state = load_state(work / "state.json", settings)
     store_path = work / "store.zarr"
     if not (store_path / "zarr.json").exists():
@@ -211,6 +214,8 @@ def main():
     p.add_argument("--samples", type=int, default=64, help="hybrid and exact-only samples (0: none)")
     p.add_argument("--no-skip", action="store_true", help="search at every t, also where the skip predictor "
                    "would run the step exact (what the certificate achieves there)")
+    p.add_argument("--no-projection", action="store_true", help="certify with the index's cells only (no "
+                   "projection cells for small crops; the path before them)")
     p.add_argument("--recall-positions", type=int, default=0, help="sampled locations per t for recall@k")
     p.add_argument("--work", default=None, help="directory of the store, bundle and state (resumable)")
     p.add_argument("--markdown", default=None, help="also write the per-t table here")
