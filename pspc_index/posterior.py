@@ -50,12 +50,23 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .store import TrainingSet
+
+try:  # numba compiles the ragged form (a dependency); without it everything else runs, projection cells off
+    import numba
+except ImportError:
+    numba = None
+COMPILED = numba is not None
+prange = numba.prange if COMPILED else range
+
+
+def jit(parallel: bool = False):
+    """numba.njit where numba is installed; else the function as written (`COMPILED` False: not used)."""
+    return numba.njit(parallel=parallel) if COMPILED else (lambda f: f)
 
 # keys per chunk of the key stream, and logits per tile (locations x queries x keys): a tile's logits,
 # weights and keys stay in cache between the two GEMMs (measured: 2^24 logits a tile, streamed through
@@ -776,7 +787,7 @@ def composite_mean(z: torch.Tensor, t, data: TrainingSet, crops, on_weights=None
 PIXEL = np.arange(256) / 127.5 - 1  # uint8 value -> pixel in [-1, 1]
 
 
-@numba.njit
+@jit()
 def ragged_terms(z, inv_2t2, u8, counts, j0, j1, state):
     """Add the exact terms count_j e^(-||z - x_j||^2 inv_2t2) of keys j0..j1-1 to one query's softmax state.
 
@@ -810,9 +821,9 @@ def ragged_terms(z, inv_2t2, u8, counts, j0, j1, state):
                 state[2 + k] += w * PIXEL[u8[j, k]]
 
 
-@numba.njit(parallel=True)  # not cached: a cache would not see changes to ragged_terms
+@jit(parallel=True)  # not cached: a cache would not see changes to ragged_terms
 def _ragged(q, inv_2t2, u8, counts, ptr, lo, hi, out):
-    for p in numba.prange(q.shape[0]):
+    for p in prange(q.shape[0]):
         state = np.zeros(q.shape[1] + 2)
         state[0] = -np.inf
         for r in range(ptr[p], ptr[p + 1]):
@@ -830,9 +841,15 @@ def ragged_posterior(q: torch.Tensor, t: torch.Tensor, u8: torch.Tensor, counts:
     with the row constant, unlike `patch_posterior`'s lse); a query without keys has log_z -inf, mean NaN."""
     n, d = q.shape
     out = np.empty((n, d + 2))
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    set_jit_threads()
     _ragged(q.numpy(), (0.5 / t ** 2).numpy(), u8.numpy(), counts.numpy(), ptr.numpy(), lo.numpy(), hi.numpy(), out)
     return ragged_state(torch.from_numpy(out))
+
+
+def set_jit_threads() -> None:
+    """Compiled loops run on torch's number of threads (at most numba's)."""
+    if COMPILED:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
 def ragged_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,11 +37,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 
-from .posterior import ragged_state, ragged_terms
+from .posterior import jit, prange, ragged_state, ragged_terms, set_jit_threads
 from .store import TrainingSet
 
 PROJ_DIMS = 3  # principal directions per location (measured: scored keys 3,103 / 2,609 / 2,366 at r = 2 / 3 / 4, t = 0.06)
@@ -176,11 +175,11 @@ def query_coords(q: torch.Tensor, pc: ProjectionCells, loc: torch.Tensor) -> tor
     return torch.cat([y, rho[:, None]], 1)
 
 
-@numba.njit(parallel=True)  # not cached: a cache would not see changes to ragged_terms
+@jit(parallel=True)  # not cached: a cache would not see changes to ragged_terms
 def _certify(q, inv_2t2, coords, loc, lo, hi, count, start, u8, counts, log_tol4, cap, out, eps, keys):
     n, d = q.shape
     lmax, r1 = lo.shape[1], lo.shape[2]
-    for p in numba.prange(n):
+    for p in prange(n):
         l = loc[p]
         # a. every cell's bound on its terms' sum: log count_j - low_j / 2t^2
         mass = np.full(lmax, -np.inf)
@@ -253,7 +252,7 @@ def projection_posterior(q: torch.Tensor, t: torch.Tensor, pc: ProjectionCells, 
     eps = np.empty(n)
     keys = np.empty(n, np.int64)
     cap = (SCORE_CAP * pc.count.sum(1))[loc]
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    set_jit_threads()
     _certify(q.numpy(), (0.5 / t ** 2).numpy(), query_coords(q, pc, loc).numpy(), loc.numpy(), pc.lo.numpy(),
              pc.hi.numpy(), pc.count.numpy(), pc.start.numpy(), pc.u8.numpy(), pc.counts.numpy(), math.log(tol / 4),
              cap.numpy(), out, eps, keys)

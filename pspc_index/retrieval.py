@@ -74,7 +74,7 @@ from .errors import UserError
 from .geometry import SquareCrops
 from .index import RANKS, Bundle, blocks, crop_mask, window_u8
 from .projection import MAX_DIM, SCORE_CAP, build_cells, projection_posterior
-from .posterior import (CHUNK_ELEMENTS, KEYS_PER_TILE, KeyChunk, keys_per_chunk, logit_dtype, merge,
+from .posterior import (CHUNK_ELEMENTS, COMPILED, KEYS_PER_TILE, KeyChunk, keys_per_chunk, logit_dtype, merge,
                         patch_posterior, square_patches, stored_key_chunks, unfold_u8)
 from .schedule import Schedule
 from .store import TrainingSet
@@ -416,9 +416,9 @@ class RetrievalPSPC(PSPCSquare):
 
     def projects(self, s: int, on_weights=None) -> bool:
         """Whether size s is certified by projection cells (projection.py) instead of the bundle's index:
-        with a tol, crops of at most MAX_DIM values, on the CPU, and no attribution (on_weights None)."""
+        with a tol, crops of at most MAX_DIM values, on the CPU with numba, and no attribution (on_weights None)."""
         c = self.data.shape[0]
-        return (self.projection and self.tol is not None and c * s * s <= MAX_DIM and on_weights is None
+        return (self.projection and COMPILED and self.tol is not None and c * s * s <= MAX_DIM and on_weights is None
                 and self.device.type == "cpu")
 
     def diffuse(self, t: torch.Tensor, s: int, k: int | None = None) -> torch.Tensor:

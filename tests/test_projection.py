@@ -144,6 +144,16 @@ def test_retrieval_takes_projection_cells(tmp_path, smooth):
     assert not RetrievalPSPC(data, bundle, patch_size=3, tol=1e-3, projection=False).projects(3)
 
 
+def test_without_numba_the_index_path(tmp_path, monkeypatch):
+    # numba is a dependency, but a machine without it (a GPU image) still runs: no projection cells
+    import pspc_index.retrieval as retrieval
+    monkeypatch.setattr(retrieval, "COMPILED", False)
+    store = write_store(tmp_path / "s.zarr", smooth_images(n=30))
+    build_bundle(store.path, tmp_path / "b", [3], stride=2, kind="flat", progress=False)
+    den = RetrievalPSPC(store.training_set(), open_bundle(tmp_path / "b", store), patch_size=3, tol=1e-3)
+    assert not den.projects(3)
+
+
 def test_routed_pairs_are_exact(smooth, tmp_path, monkeypatch):
     # a cap of no entries beyond the seed routes every uncertified pair to the exact kernel
     import pspc_index.projection as projection
