@@ -58,7 +58,8 @@ def write_routing(den, path, echo: bool = True) -> None:
         bound = "certified" if st["certified"] else f"at confidence {st['confidence']:g} per location"
         click.echo(f"pspc-index: routing t={st['t_max']:.4g} s={st['s']}: retrieval {f['retrieval']:.1%}, tail "
                    f"{f['tail']:.1%}, exact {f['exact']:.1%}, skipped search {f['skipped']:.1%}; max pixel bound "
-                   f"{st['bound_max']:.2g} ({bound})" + (f"; {st['note']}" if st["note"] else ""), err=True)
+                   f"{st['bound_max']:.2g} ({bound}" + (f", {st['certificate']})" if st.get("certificate") else ")")
+                   + (f"; {st['note']}" if st["note"] else ""), err=True)
     if path is not None:
         Path(path).write_text(json.dumps({"tol": den.tol, "tail": den.tail, "k": den.k, "m": den.m, "delta": den.delta,
                                           "steps": steps, "calls": den.history}, indent=1) + "\n")
@@ -120,14 +121,14 @@ device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), defaul
 
 
 def retrieval_opts(f):
-    """--index BUNDLE --k --tail --m --nprobe --tol --report, passed to the command as one `retrieval` dict
+    """--index BUNDLE --k --tail --m --nprobe --tol --certificate --report, passed to the command as one `retrieval` dict
     (tol None: the command's default; inf: no routing, given as None)."""
     @functools.wraps(f)
-    def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, **kwargs):
+    def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, certificate, **kwargs):
         if report is not None and index_path is None:
             fail("--report writes the routing report of --index; give --index BUNDLE")
         return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "nprobe": nprobe,
-                                   "tol": tol, "report": report}, **kwargs)
+                                   "tol": tol, "report": report, "certificate": certificate}, **kwargs)
     for opt in reversed([
         click.option("--index", "index_path", type=click.Path(), default=None,
                      help="Index bundle (from `build`): retrieval PSPC-Square instead of the exact engine."),
@@ -145,6 +146,10 @@ def retrieval_opts(f):
                           "retrieval bound exceeds it are recomputed by the exact kernel, and steps predicted "
                           "too diffuse skip the search. inf: report the bounds, route nothing. "
                           "[default: 1e-3 for denoise and sample; inf for attribute (sparse top-k shares)]"),
+        click.option("--certificate", type=click.Choice(["projection", "index"]), default="projection",
+                     show_default=True,
+                     help="With a tol, how crops of <= 27 values (3x3) are certified: projection cells (built in "
+                          "memory on first use; CPU) or the index's cells (the path before them)."),
         click.option("--report", type=click.Path(), default=None,
                      help="With --index: write the routing report here (JSON: per step the fractions of crop "
                           "locations by retrieval, tail, exact and skipped search, the largest pixel bound)."),
@@ -220,7 +225,8 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
         bundle = open_bundle(retrieval["index_path"], store, gpu=device == "cuda" and faiss_has_gpu())
         return lambda data: RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval.get("tail") or "none",
                                           m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
-                                          schedule=sched, tol=resolve_tol(retrieval.get("tol"), default_tol))
+                                          schedule=sched, tol=resolve_tol(retrieval.get("tol"), default_tol),
+                                          projection=retrieval.get("certificate", "projection") == "projection")
     if denoiser == "pspc-flex":
         from .sensitivity import read_heatmaps
         maps, ts, _ = read_heatmaps(heatmaps_path or DEFAULT_HEATMAPS)

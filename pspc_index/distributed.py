@@ -164,15 +164,18 @@ def run_meta(store_sha256: str, denoiser: str, xflip: bool, patch_size, schedule
     in place is refused too. schedule: give the resolved name (the default for the resolution written
     out). Recorded resolved: the paths (index_path, and network / heatmaps in extra) as absolute paths
     (a network checkpoint by its stem: x, x.json and x.safetensors are one), and with an index the tail
-    (None: `default_tail`); without an index the tail does not apply and is recorded as None.
+    (None: `default_tail`); without an index the tail does not apply and is recorded as None, and the
+    certificate is left out.
     extra: further settings, None ones left out (e.g. exclusion=`counterfactual.Exclusion.record()`: a run
     without exclusion records none, as runs made before it)."""
     r = dict(retrieval or {})
     if r.get("index_path") is not None:
         r["index_path"] = str(Path(r["index_path"]).resolve())
         r["tail"] = r.get("tail") or default_tail
-    elif "tail" in r:
-        r["tail"] = None
+    else:  # without an index neither the tail nor the certificate applies (runs before it recorded none)
+        if "tail" in r:
+            r["tail"] = None
+        r.pop("certificate", None)
     meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
             "store_sha256": store_sha256, "retrieval": r}
     if extra.get("network") is not None:

@@ -792,7 +792,7 @@ def ragged_terms(z, inv_2t2, u8, counts, j0, j1, state):
     """Add the exact terms count_j e^(-||z - x_j||^2 inv_2t2) of keys j0..j1-1 to one query's softmax state.
 
     z [d] float64 query patch in [-1, 1]; inv_2t2 = 1 / 2t^2 (t the EDM sigma); u8 [E, d] uint8 keys
-    (x = u / 127.5 - 1); counts [E] int64 multiplicities (log count enters the logit: exact for identical
+    (x = u / 127.5 - 1); counts [E] integer multiplicities (log count enters the logit: exact for identical
     keys); state [d + 2] float64 (m, s, acc): running max logit m (-inf: empty), sum of e^(l - m), and
     sum of e^(l - m) x. Terms below e^EXP_FLOOR of the running max are dropped, as in the other forms."""
     d = z.shape[0]
@@ -836,8 +836,9 @@ def ragged_posterior(q: torch.Tensor, t: torch.Tensor, u8: torch.Tensor, counts:
     """Exact posterior of each query over its own key ranges, float64 throughout (`ragged_terms`).
 
     q [n, d] float64 queries in [-1, 1]; t [n] float64 (EDM sigma); keys u8 [E, d] uint8 with counts [E]
-    int64; query p's keys are the ranges lo[r]..hi[r]-1 for r in ptr[p]..ptr[p+1]-1 (ptr [n + 1], lo, hi
-    [R] int64). Returns (mean [n, d] float64, log_z [n] float64 = log sum_j count_j e^(-||z - x_j||^2 / 2t^2),
+    (any integer type); query p's keys are the ranges lo[r]..hi[r]-1 for r in ptr[p]..ptr[p+1]-1 (ptr
+    [n + 1], lo, hi [R] int64). Returns (mean [n, d] float64, log_z [n] float64 = log sum_j count_j
+    e^(-||z - x_j||^2 / 2t^2),
     with the row constant, unlike `patch_posterior`'s lse); a query without keys has log_z -inf, mean NaN."""
     n, d = q.shape
     out = np.empty((n, d + 2))

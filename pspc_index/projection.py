@@ -18,7 +18,8 @@ Per crop location l of size s (`build_cells`, once per process, patch size and e
      per cell its total count and the box [lo, hi] of (y, rho), widened by BOX_MARGIN for rounding.
 For a query patch z and any entry x of a cell, Pythagoras over V and its complement, then the triangle
 inequality in the complement:
-    ||z - x||^2 = ||V^T (z - x)||^2 + ||R (z - x)||^2 >= sum_k dist(y_k(z), [lo_k, hi_k])^2 + dist(rho(z), [lo_r, hi_r])^2.
+    ||z - x||^2 = ||V^T (z - x)||^2 + ||R (z - x)||^2
+               >= sum_k dist(y_k(z), [lo_k, hi_k])^2 + dist(rho(z), [lo_rho, hi_rho])^2.
 Query (`projection_posterior`, every (location, query) pair at once), t the EDM sigma:
   a. bound: low_j per cell from the inequality; the cell's terms sum to at most count_j e^(-low_j / 2t^2);
   b. seed: the cell of largest bound on its mass is scored exactly (the one kernel's ragged form,
@@ -43,7 +44,7 @@ import torch
 from .posterior import jit, prange, ragged_state, ragged_terms, set_jit_threads
 from .store import TrainingSet
 
-PROJ_DIMS = 3  # principal directions per location (measured: scored keys 3,103 / 2,609 / 2,366 at r = 2 / 3 / 4, t = 0.06)
+PROJ_DIMS = 3  # principal directions per location (1-2 fewer keys at r = 4 cost more to bound: measured, README)
 CELL_SIZE = 128  # entries per k-d cell: fewer cells to bound against fewer wasted keys per scored cell
 BOX_MARGIN = 1e-9  # cell boxes widened by this much (float64 rounding of coordinates of size <= 2 sqrt(d))
 SCORE_CAP = 1 / 2  # most entries a pair may score, as a share of the included images, before it is routed
@@ -53,7 +54,7 @@ MAX_DIM = 27  # crops of at most this many values use projection cells (3x3 RGB)
 @dataclass
 class ProjectionCells:
     """Projection cells of every crop location of one patch size (module docstring), P locations row-major:
-    u8 [E, d] uint8 and counts [E] int64: the entries of all locations, concatenated, each location's sorted by
+    u8 [E, d] uint8 and counts [E] int32: the entries of all locations, concatenated, each location's sorted by
     cell; mu [P, d], basis [P, d, r] float64; per cell, padded to Lmax per location: start [P, Lmax + 1] int64
     (entry ranges, empty for padding), count [P, Lmax] float64 (0 for padding), lo / hi [P, Lmax, r + 1]
     float64 (boxes of (y, rho)); entries [P] int64 (distinct crops per location); seconds to build."""
@@ -115,7 +116,7 @@ def location_cells(crops: torch.Tensor, r: int, size: int):
     at = cell[:, None].expand(-1, r + 1)
     lo = torch.full((nc, r + 1), math.inf, dtype=torch.float64).scatter_reduce(0, at, coords, "amin")
     hi = torch.full((nc, r + 1), -math.inf, dtype=torch.float64).scatter_reduce(0, at, coords, "amax")
-    return (u[order], cnt[order], mu, basis, torch.bincount(cell, minlength=nc),
+    return (u[order], cnt[order].to(torch.int32), mu, basis, torch.bincount(cell, minlength=nc),
             torch.zeros(nc, dtype=torch.float64).index_add_(0, cell, wt[order]), lo - BOX_MARGIN, hi + BOX_MARGIN)
 
 
@@ -150,20 +151,22 @@ def build_cells(data: TrainingSet, s: int, r: int = PROJ_DIMS, size: int = CELL_
     entries = torch.zeros(p, dtype=torch.int64)
     mu = torch.zeros(p, d, dtype=torch.float64)
     basis = torch.eye(d, r, dtype=torch.float64).repeat(p, 1, 1)
+    u8 = torch.empty(sum(len(v[0]) for v in per.values()), d, dtype=torch.uint8)
+    counts = torch.empty(len(u8), dtype=torch.int32)
     offset = 0
     for i in range(p):
         start[i] = offset
         if i not in per:
             continue
-        _, _, mu[i], basis[i], n_in, cnt, clo, chi = per[i]
+        # each location's entries copied into place and released (no second copy of all of them)
+        u, cnt_e, mu[i], basis[i], n_in, cnt, clo, chi = per.pop(i)
         nc = len(n_in)
         start[i, 1:nc + 1] += n_in.cumsum(0)
         start[i, nc + 1:] = start[i, nc]
         count[i, :nc], lo[i, :nc], hi[i, :nc] = cnt, clo, chi
-        entries[i] = int(n_in.sum())
-        offset += int(entries[i])
-    u8 = torch.cat([per[i][0] for i in sorted(per)]) if per else torch.zeros(0, d, dtype=torch.uint8)
-    counts = torch.cat([per[i][1] for i in sorted(per)]) if per else torch.zeros(0, dtype=torch.int64)
+        entries[i] = len(u)
+        u8[offset:offset + len(u)], counts[offset:offset + len(u)] = u, cnt_e
+        offset += len(u)
     return ProjectionCells(u8, counts, mu, basis, start, count, lo, hi, entries, time.perf_counter() - start_time)
 
 

@@ -41,6 +41,11 @@ Per s and anchor block (stride x stride locations sharing one union-window index
      posterior is predictably too diffuse for k entries (the bundle's median squared distance Delta_k from a
      training crop to its k-th nearest distinct crop: predicted unscored mass N e^(-Delta_k / 2t^2) / (1 +
      N e^(-Delta_k / 2t^2)), doubled, above tol) to the exact kernel without searching.
+Projection cells (projection.py) replace steps 1-4 where crops are small (at most projection.MAX_DIM values:
+3x3 grey or RGB) and a tol is set, on the CPU and without attribution (`RetrievalPSPC.project`): per crop
+location k-d cells of its distinct crops in a 3-dimensional PCA projection bound each crop's distances
+tightly enough to certify peaked posteriors, which cells fitted to union windows cannot; their pairs that
+stop uncertified are routed by step 5 like any other location.
 The patch means are summed into the window and divided by the (global) coverage (`fold_window`). The
 per-pixel weights a_i[p] (sum one at every pixel) come from the kernel's second pass with the merged log
 normaliser, only for attribution (`attribute_block`); an entry's weight is spread equally over its members
@@ -58,7 +63,9 @@ without a tail) and log_z (log of the normaliser used); per pixel [B, H, W]: pix
 error bound after routing: the mean of its covering crops' bounds); per call: fractions of locations that
 took each path (retrieval: certified, tail, exact, skipped), bound_max, certified (no bound rests on the
 tail), confidence (1, or 1 - delta per location where one does), tail_unmet (the fraction of locations
-routed because the tail's bound exceeded tol) and note (a line saying so, else None).
+routed because the tail's bound exceeded tol) and note (a line saying so, else None); per size: certificate
+("index cells", "projection cells", None where every query skipped the search) and cells_seconds (the
+projection cells' build, on the size's first call; None otherwise).
 """
 from __future__ import annotations
 
@@ -83,7 +90,7 @@ DEFAULT_TOL = 1e-3  # certified composite error per pixel the CLI's routing aims
 EXACT_KEY_BYTES = 2 ** 28  # bytes of gathered stored patches per exact_pairs kernel call
 MEMBERS_PER_CALL = 16384  # members per attribution callback when an entry's weight is spread
 TAIL_DELTA = 1e-3  # the tail's confidence bound fails with at most this probability per location and query
-SUMMARY = ("fractions", "bound_max", "certified", "confidence", "tail_unmet", "note")  # per call, in `history`
+SUMMARY = ("fractions", "bound_max", "certified", "confidence", "tail_unmet", "note", "certificate")  # per call
 COMPLETE_FACTOR = 4  # a query completes cells (step 3b) only up to this many times k entries per block
 
 
@@ -285,7 +292,7 @@ def routing_summary(history: list[dict]) -> list[dict]:
     """`RetrievalPSPC.history` merged per step (s, t_min, t_max), in order of first call (a sampler's
     batches are one step): queries summed; the fractions of locations per path and tail_unmet averaged
     weighted by queries; bound_max the largest; certified only if every call was; confidence the lowest;
-    note the last given."""
+    note and certificate the last given."""
     steps: dict[tuple, dict] = {}
     for h in history:
         key = (h["s"], h["t_min"], h["t_max"])
@@ -297,7 +304,7 @@ def routing_summary(history: list[dict]) -> list[dict]:
         st["fractions"] = {k: mix(v, h["fractions"][k]) for k, v in st["fractions"].items()}
         st.update(tail_unmet=mix(st["tail_unmet"], h["tail_unmet"]), bound_max=max(st["bound_max"], h["bound_max"]),
                   certified=st["certified"] and h["certified"], confidence=min(st["confidence"], h["confidence"]),
-                  note=h["note"] or st["note"], queries=n)
+                  note=h["note"] or st["note"], certificate=h["certificate"] or st["certificate"], queries=n)
     return list(steps.values())
 
 
@@ -424,7 +431,8 @@ class RetrievalPSPC(PSPCSquare):
     def diffuse(self, t: torch.Tensor, s: int, k: int | None = None) -> torch.Tensor:
         """The skip predictor: bool [B], queries (noise levels t [B]) whose size-s step runs exact without
         searching, where a routing tol is set and the bundle's neighbour statistics predict that k entries
-        (default self.k; projection cells score up to SCORE_CAP N) cannot hold the posterior: 2 eps_pred > tol, eps_pred = N e^(-Delta / 2t^2) / (1 + N e^(-Delta / 2t^2))
+        (default self.k; projection cells score up to SCORE_CAP N) cannot hold the posterior: 2 eps_pred > tol,
+        eps_pred = N e^(-Delta / 2t^2) / (1 + N e^(-Delta / 2t^2))
         with Delta the median squared distance from a training crop to its r-th nearest distinct crop, r
         the largest recorded rank <= k (`index.neighbour_stats`; None there: no such neighbour, no skip)."""
         stats = self.bundle.manifest.get("neighbours", {}).get(str(s))
@@ -442,7 +450,7 @@ class RetrievalPSPC(PSPCSquare):
         c, h, w = self.data.shape
         b, gh, gw = len(skip), h - s + 1, w - s + 1
         full = {"path": "retrieval" if rep is not None else "exact (skipped: predicted diffuse)", "s": s,
-                "certificate": "projection cells" if projects else "index cells",
+                "certificate": None if rep is None else "projection cells" if projects else "index cells",
                 "k": self.k, "tail": self.tail, "m": self.m, "kind": self.bundle.kind, "stride": self.bundle.stride,
                 "nprobe": self.nprobe or self.bundle.manifest.get("nprobe"), "tol": self.tol}
         keep = ~skip
@@ -686,7 +694,9 @@ class RetrievalPSPC(PSPCSquare):
             return None
         rows = []
         for b in range(len(ids)):
-            e = torch.cat([blk.by_cell[j] for j in need[b].nonzero().flatten().tolist()] + [ids.new_zeros(0)])
+            # the cells' entry lists live on the CPU (Block); the candidates may not
+            e = torch.cat([blk.by_cell[j] for j in need[b].nonzero().flatten().tolist()]
+                          + [torch.zeros(0, dtype=torch.long)]).to(ids.device)
             rows.append(e[~torch.isin(e, ids[b])])
         extra = torch.full((len(ids), max(len(r) for r in rows)), -1, dtype=torch.long, device=ids.device)
         for b, r in enumerate(rows):

@@ -339,7 +339,7 @@ def test_cli_default_tol_routes_and_reports(smooth, tmp_path):
     # the default tol (1e-3 per pixel): within it of exact; the routing line and the JSON report
     r = run(*base, "--out", tmp_path / "d.npy", "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
-    assert "pspc-index: routing t=0.3 s=3: retrieval" in r.output and "(certified)" in r.output
+    assert "pspc-index: routing t=0.3 s=3: retrieval" in r.output and "(certified" in r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["tol"] == 1e-3 and rep["tail"] == "none" and len(rep["steps"]) == 1
     st = rep["steps"][0]
@@ -354,6 +354,14 @@ def test_cli_default_tol_routes_and_reports(smooth, tmp_path):
     assert r.exit_code == 0, r.output
     st = json.loads((tmp_path / "e.json").read_text())["steps"][0]
     assert st["fractions"]["exact"] == 0 and st["fractions"]["skipped"] == 0
+    # small t: projection cells certify by default, --certificate index takes the index's cells; both within tol
+    for cert, name in (("projection", "projection cells"), ("index", "index cells")):
+        r = run("denoise", "--store", store.path, "--index", bundles["ivf-flat"].path, "--t", 0.01, "--patch-size", 3,
+                "--n", 3, "--out", tmp_path / f"{cert}.npy", "--certificate", cert, "--report", tmp_path / f"{cert}.json")
+        assert r.exit_code == 0, r.output
+        st = json.loads((tmp_path / f"{cert}.json").read_text())["steps"][0]
+        assert st["certificate"] == name and f"(certified, {name})" in r.output and st["bound_max"] <= 1e-3
+    assert np.abs(np.load(tmp_path / "projection.npy") - np.load(tmp_path / "index.npy")).max() <= 2e-3 + 1e-6
     # --report without --index: one line, exit 2
     r = run("denoise", "--store", store.path, "--t", 0.3, "--out", tmp_path / "f.npy", "--report", tmp_path / "f.json")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1

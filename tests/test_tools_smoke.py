@@ -113,11 +113,12 @@ def test_attribution_agreement_tiny():
 def test_bench_scale_fashion_mnist_tiny(tmp_path):
     """The scale run's Fashion-MNIST source (shifted, flipped copies) end to end, certified routing at t."""
     res = subprocess.run([sys.executable, "tools/bench_scale.py", "--source", "fashion-mnist", "--n", "400", "--s", "3",
-                          "--t", "0.06", "--tol", "1e-3", "--nlist", "4", "--dir", str(tmp_path)], cwd=ROOT,
+                          "--t", "0.06,0.002", "--tol", "1e-3", "--nlist", "4", "--dir", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    row = out["query"]["rows"][0]
     assert out["generate"]["images"] == 400 and out["build"]["bundle_bytes"] > 0
-    assert row["bound_holds"] == 1.0 and row["max_abs_vs_exact"] <= 1e-3 + 4e-6 and row["certified"]
-    assert abs(sum(row["fractions"].values()) - 1) < 1e-9
+    assert [row["t"] for row in out["query"]["rows"]] == [0.06, 0.002]
+    for row in out["query"]["rows"]:
+        assert row["bound_holds"] == 1.0 and row["max_abs_vs_exact"] <= 1e-3 + 4e-6 and row["certified"]
+        assert abs(sum(row["fractions"].values()) - 1) < 1e-9 and row["certificate"] == "projection cells"

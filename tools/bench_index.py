@@ -8,8 +8,8 @@ for every t of the 18-step schedule (--ts to choose): one batch of --batch forwa
 z = x + t eps (seeded by the step), the exact engine (PSPCSquare) and the hybrid (RetrievalPSPC with the
 CLI's defaults: k, tol = retrieval.DEFAULT_TOL, tail none; 3x3 crops certified by projection cells, which
 its warm-up builds: cells_build_seconds; --no-projection: the index's cells only) each warmed up on one
-query, then timed on the batch. Per t: the path mix (fractions of crop locations by retrieval, tail, exact, skipped search),
-seconds per call of both, MSE and max abs error of the hybrid against exact, the reported bound per pixel
+query, then timed on the batch. Per t: the path mix (fractions of crop locations by retrieval, tail, exact,
+skipped search), seconds per call of both, MSE and max abs error of the hybrid against exact, the reported bound per pixel
 (the composite's certified bound, `pixel_bound`) beside the measured error, and the fraction of pixels
 where bound >= error (also with the kernel's own rounding, 4e-6, added to the bound); optionally
 recall@k of the candidates' members against the exact top-k at sampled locations. Then --samples hybrid
