@@ -121,14 +121,15 @@ device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), defaul
 
 
 def retrieval_opts(f):
-    """--index BUNDLE --k --tail --m --nprobe --tol --certificate --report, passed to the command as one `retrieval` dict
+    """--index BUNDLE --k --tail --m --nprobe --tol --certificate --no-skip --report, passed to the command as one `retrieval` dict
     (tol None: the command's default; inf: no routing, given as None)."""
     @functools.wraps(f)
-    def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, certificate, **kwargs):
+    def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, certificate, no_skip, **kwargs):
         if report is not None and index_path is None:
             fail("--report writes the routing report of --index; give --index BUNDLE")
         return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "nprobe": nprobe,
-                                   "tol": tol, "report": report, "certificate": certificate}, **kwargs)
+                                   "tol": tol, "report": report, "certificate": certificate,
+                                   **({"no_skip": True} if no_skip else {})}, **kwargs)
     for opt in reversed([
         click.option("--index", "index_path", type=click.Path(), default=None,
                      help="Index bundle (from `build`): retrieval PSPC-Square instead of the exact engine."),
@@ -150,6 +151,9 @@ def retrieval_opts(f):
                      show_default=True,
                      help="With a tol, how crops of <= 27 values (3x3) are certified: projection cells (built in "
                           "memory on first use; CPU) or the index's cells (the path before them)."),
+        click.option("--no-skip", is_flag=True, default=False,
+                     help="Search (certify) at every step, also where the skip predictor would run it exact "
+                          "(it is conservative on large stores of near-duplicates: README, scale run)."),
         click.option("--report", type=click.Path(), default=None,
                      help="With --index: write the routing report here (JSON: per step the fractions of crop "
                           "locations by retrieval, tail, exact and skipped search, the largest pixel bound)."),
@@ -226,7 +230,8 @@ def denoiser_factory(store, denoiser, patch_size=None, schedule=None, network_pa
         return lambda data: RetrievalPSPC(data, bundle, k=retrieval["k"], tail=retrieval.get("tail") or "none",
                                           m=retrieval["m"], nprobe=retrieval.get("nprobe"), patch_size=patch_size,
                                           schedule=sched, tol=resolve_tol(retrieval.get("tol"), default_tol),
-                                          projection=retrieval.get("certificate", "projection") == "projection")
+                                          projection=retrieval.get("certificate", "projection") == "projection",
+                                          predict=not retrieval.get("no_skip", False))
     if denoiser == "pspc-flex":
         from .sensitivity import read_heatmaps
         maps, ts, _ = read_heatmaps(heatmaps_path or DEFAULT_HEATMAPS)

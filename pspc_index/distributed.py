@@ -176,6 +176,7 @@ def run_meta(store_sha256: str, denoiser: str, xflip: bool, patch_size, schedule
         if "tail" in r:
             r["tail"] = None
         r.pop("certificate", None)
+        r.pop("no_skip", None)
     meta = {"denoiser": denoiser, "xflip": xflip, "patch_size": patch_size, "schedule": schedule,
             "store_sha256": store_sha256, "retrieval": r}
     if extra.get("network") is not None:

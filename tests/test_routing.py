@@ -362,6 +362,11 @@ def test_cli_default_tol_routes_and_reports(smooth, tmp_path):
         st = json.loads((tmp_path / f"{cert}.json").read_text())["steps"][0]
         assert st["certificate"] == name and f"(certified, {name})" in r.output and st["bound_max"] <= 1e-3
     assert np.abs(np.load(tmp_path / "projection.npy") - np.load(tmp_path / "index.npy")).max() <= 2e-3 + 1e-6
+    # --no-skip: a step the predictor calls diffuse is searched (and certified or routed) all the same
+    r = run("denoise", "--store", store.path, "--index", bundles["ivf-flat"].path, "--t", 30, "--patch-size", 3,
+            "--n", 3, "--out", tmp_path / "n.npy", "--no-skip", "--report", tmp_path / "n.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "n.json").read_text())["steps"][0]["fractions"]["skipped"] == 0
     # --report without --index: one line, exit 2
     r = run("denoise", "--store", store.path, "--t", 0.3, "--out", tmp_path / "f.npy", "--report", tmp_path / "f.json")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
