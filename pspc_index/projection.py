@@ -28,7 +28,7 @@ Query (`projection_posterior`, every (location, query) pair at once), t the EDM 
      left; the others are scored exactly in decreasing order of bound until what is left may hold at most
      tol/4 Z_S (Z_S the normaliser so far), so eps <= tol/4;
   d. certificate: eps = U / (Z_S + U), U the complement's bound: the mean is within 2 eps per coordinate.
-A pair that would score more entries than SCORE_CAP N (N the included images) beyond its seed stops (eps 1:
+A pair whose next cell would take it past SCORE_CAP N scored entries (N the included images) stops (eps 1:
 the caller routes it to the exact kernel, whose batched pass costs less than scoring most of the set).
 """
 from __future__ import annotations
@@ -248,8 +248,9 @@ def projection_posterior(q: torch.Tensor, t: torch.Tensor, pc: ProjectionCells, 
     """Steps a-d (module docstring) for pairs (query patch q [n, d] float64 at location loc [n], noise level
     t [n] float64, EDM sigma) -> (mean [n, d] float64, log Z_S [n] (log sum over scored entries of count
     e^(-||z - x||^2 / 2t^2)), eps [n] (certified unscored mass fraction; the mean is within 2 eps per
-    coordinate of the exact patch mean), keys [n] int64 (entries scored; 0 where none)). A pair that
-    would score more than SCORE_CAP N entries beyond its seed cell stops with eps 1 (the caller routes it)."""
+    coordinate of the exact patch mean), keys [n] int64 (entries scored; 0 where none)). A pair whose
+    next cell would take it past SCORE_CAP N scored entries (its seed cell is always scored) stops with eps 1
+    (the caller routes it)."""
     n, d = q.shape
     out = np.empty((n, d + 2))
     eps = np.empty(n)
