@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def write_routing(den, path, echo: bool = True) -> None:
     for st in steps if echo else ():
         f = st["fractions"]
         bound = "certified" if st["certified"] else f"at confidence {st['confidence']:g} per location"
+        if st["bound_max"] >= 2:  # pixels in [-1, 1]: such a bound says nothing (--tol inf routes nothing)
+            bound += ", vacuous"
         click.echo(f"pspc-index: routing t={st['t_max']:.4g} s={st['s']}: retrieval {f['retrieval']:.1%}, tail "
                    f"{f['tail']:.1%}, exact {f['exact']:.1%}, skipped search {f['skipped']:.1%}; max pixel bound "
                    f"{st['bound_max']:.2g} ({bound}" + (f", {st['certificate']})" if st.get("certificate") else ")")
@@ -127,8 +130,17 @@ def retrieval_opts(f):
     def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, certificate, no_skip, **kwargs):
         if report is not None and index_path is None:
             fail("--report writes the routing report of --index; give --index BUNDLE")
+        given = [name for name, v, default in (("--k", k, 1024), ("--tail", tail, "none"), ("--m", m, 4096),
+                                               ("--nprobe", nprobe, None), ("--tol", tol, None),
+                                               ("--certificate", certificate, None), ("--no-skip", no_skip, False))
+                 if v != default]
+        if given and index_path is None:  # the exact engine would silently ignore them
+            fail(f"{', '.join(given)} configure retrieval; give --index BUNDLE")
+        if tol is not None and math.isinf(tol) and (certificate is not None or no_skip):
+            fail("--certificate and --no-skip apply with a finite --tol (--tol inf routes nothing)")
         return f(*args, retrieval={"index_path": index_path, "k": k, "tail": tail, "m": m, "nprobe": nprobe,
-                                   "tol": tol, "report": report, "certificate": certificate,
+                                   "tol": tol, "report": report, "certificate": certificate or "projection",
+                                   **({"certificate_given": certificate} if certificate else {}),
                                    **({"no_skip": True} if no_skip else {})}, **kwargs)
     for opt in reversed([
         click.option("--index", "index_path", type=click.Path(), default=None,
@@ -147,10 +159,10 @@ def retrieval_opts(f):
                           "retrieval bound exceeds it are recomputed by the exact kernel, and steps predicted "
                           "too diffuse skip the search. inf: report the bounds, route nothing. "
                           "[default: 1e-3 for denoise and sample; inf for attribute (sparse top-k shares)]"),
-        click.option("--certificate", type=click.Choice(["projection", "index"]), default="projection",
-                     show_default=True,
-                     help="With a tol, how crops of <= 27 values (3x3) are certified: projection cells (built in "
-                          "memory on first use; CPU) or the index's cells (the path before them)."),
+        click.option("--certificate", type=click.Choice(["projection", "index"]), default=None,
+                     help="With a tol, how crops of s <= 3 are certified: projection cells (built in memory on "
+                          "first use; CPU; attribution keeps the index's) or the index's cells. "
+                          "[default: projection]"),
         click.option("--no-skip", is_flag=True, default=False,
                      help="Search (certify) at every step, also where the skip predictor would run it exact "
                           "(it is conservative on large stores of near-duplicates: README, scale run)."),
@@ -484,7 +496,7 @@ def sample(store_path, n, seed, out, steps, solver, batch, memory_gb, split, rec
         return
     # settings recorded resolved (absolute paths, defaults written out) so the same run resumes however written
     from .schedule import get_schedule
-    resolved = {k: v for k, v in retrieval.items() if k != "report"}
+    resolved = {k: v for k, v in retrieval.items() if k not in ("report", "certificate_given")}
     if retrieval.get("index_path") is not None:
         resolved.update(nprobe=retrieval.get("nprobe") or den.bundle.manifest.get("nprobe"), tol=den.tol)
     meta = run_meta(store.sha256, denoiser, xflip, patch_size, get_schedule(schedule, *store.shape[2:]).name,
@@ -584,6 +596,9 @@ def attribute(store_path, image_path, z_path, traj_path, t, top, seed, as_json, 
         claim(panel, FILE, overwrite)
     if retrieval["report"] is not None:
         claim(retrieval["report"], FILE, overwrite)
+    if retrieval.get("certificate_given") == "projection":
+        raise UserError("attribute certifies with the index's cells (projection cells give no per-image "
+                        "weights); leave out --certificate projection")
     store = ImageStore.open(store_path)
     excluded = select(store, **exclusion)
     if traj_path is not None:  # a trajectory attributed over another set would verify against nothing

@@ -41,8 +41,8 @@ Per s and anchor block (stride x stride locations sharing one union-window index
      posterior is predictably too diffuse for k entries (the bundle's median squared distance Delta_k from a
      training crop to its k-th nearest distinct crop: predicted unscored mass N e^(-Delta_k / 2t^2) / (1 +
      N e^(-Delta_k / 2t^2)), doubled, above tol) to the exact kernel without searching.
-Projection cells (projection.py) replace steps 1-4 where crops are small (at most projection.MAX_DIM values:
-3x3 grey or RGB) and a tol is set, on the CPU and without attribution (`RetrievalPSPC.project`): per crop
+Projection cells (projection.py) replace steps 1-4 where crops are small (s <= projection.MAX_SIZE: 3x3 grey
+or RGB) and a tol is set, on the CPU and without attribution (`RetrievalPSPC.project`): per crop
 location k-d cells of its distinct crops in a 3-dimensional PCA projection bound each crop's distances
 tightly enough to certify peaked posteriors, which cells fitted to union windows cannot; their pairs that
 stop uncertified are routed by step 5 like any other location.
@@ -64,8 +64,8 @@ error bound after routing: the mean of its covering crops' bounds); per call: fr
 took each path (retrieval: certified, tail, exact, skipped), bound_max, certified (no bound rests on the
 tail), confidence (1, or 1 - delta per location where one does), tail_unmet (the fraction of locations
 routed because the tail's bound exceeded tol) and note (a line saying so, else None); per size: certificate
-("index cells", "projection cells", None where every query skipped the search) and cells_seconds (the
-projection cells' build, on the size's first call; None otherwise).
+("index cells", "projection cells", None where every query skipped the search) and cells_seconds (seconds
+this call spent building projection cells: the size's first call; 0 after; None without them).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ from .distributed import all_reduce_sum, split_range
 from .errors import UserError
 from .geometry import SquareCrops
 from .index import RANKS, Bundle, blocks, crop_mask, window_u8
-from .projection import MAX_DIM, SCORE_CAP, build_cells, projection_posterior
+from .projection import MAX_SIZE, SCORE_CAP, build_cells, projection_posterior
 from .posterior import (CHUNK_ELEMENTS, COMPILED, KEYS_PER_TILE, KeyChunk, keys_per_chunk, logit_dtype, merge,
                         patch_posterior, square_patches, stored_key_chunks, unfold_u8)
 from .schedule import Schedule
@@ -90,7 +90,8 @@ DEFAULT_TOL = 1e-3  # certified composite error per pixel the CLI's routing aims
 EXACT_KEY_BYTES = 2 ** 28  # bytes of gathered stored patches per exact_pairs kernel call
 MEMBERS_PER_CALL = 16384  # members per attribution callback when an entry's weight is spread
 TAIL_DELTA = 1e-3  # the tail's confidence bound fails with at most this probability per location and query
-SUMMARY = ("fractions", "bound_max", "certified", "confidence", "tail_unmet", "note", "certificate")  # per call
+SUMMARY = ("fractions", "bound_max", "certified", "confidence", "tail_unmet", "note", "certificate",
+           "cells_seconds")  # per call, in `history`
 COMPLETE_FACTOR = 4  # a query completes cells (step 3b) only up to this many times k entries per block
 
 
@@ -292,7 +293,7 @@ def routing_summary(history: list[dict]) -> list[dict]:
     """`RetrievalPSPC.history` merged per step (s, t_min, t_max), in order of first call (a sampler's
     batches are one step): queries summed; the fractions of locations per path and tail_unmet averaged
     weighted by queries; bound_max the largest; certified only if every call was; confidence the lowest;
-    note and certificate the last given."""
+    note and certificate the last given; cells_seconds summed."""
     steps: dict[tuple, dict] = {}
     for h in history:
         key = (h["s"], h["t_min"], h["t_max"])
@@ -304,7 +305,9 @@ def routing_summary(history: list[dict]) -> list[dict]:
         st["fractions"] = {k: mix(v, h["fractions"][k]) for k, v in st["fractions"].items()}
         st.update(tail_unmet=mix(st["tail_unmet"], h["tail_unmet"]), bound_max=max(st["bound_max"], h["bound_max"]),
                   certified=st["certified"] and h["certified"], confidence=min(st["confidence"], h["confidence"]),
-                  note=h["note"] or st["note"], certificate=h["certificate"] or st["certificate"], queries=n)
+                  note=h["note"] or st["note"], certificate=h["certificate"] or st["certificate"], queries=n,
+                  cells_seconds=None if h["cells_seconds"] is None and st["cells_seconds"] is None
+                  else (h["cells_seconds"] or 0.0) + (st["cells_seconds"] or 0.0))
     return list(steps.values())
 
 
@@ -384,6 +387,7 @@ class RetrievalPSPC(PSPCSquare):
         self.bundle, self.k, self.tail, self.m, self.seed, self.tol = bundle, k, tail, m, seed, tol
         self.nprobe, self.delta, self.predict, self.projection = nprobe, delta, predict, projection
         self._cells: dict = {}
+        self._built: dict = {}  # seconds spent building projection cells in the current call, per size
         self.last_report: dict[int, dict] = {}
         self.history: list[dict] = []
         self._tail_ids: dict[tuple, torch.Tensor] = {}
@@ -401,6 +405,12 @@ class RetrievalPSPC(PSPCSquare):
         h, w = self.data.shape[1:]
         if s >= max(h, w) or s not in self.bundle.patch_sizes:
             self.last_report[s] = {"path": "exact" if s >= max(h, w) else "exact (s not in bundle)"}
+            if s < max(h, w):  # a size the bundle lacks runs exact: the routing report says so
+                self.history.append({"s": s, "t_min": float(t.min()), "t_max": float(t.max()), "queries": len(t),
+                                     "fractions": {"retrieval": 0.0, "tail": 0.0, "exact": 1.0, "skipped": 0.0},
+                                     "bound_max": 0.0, "certified": True, "confidence": 1.0, "tail_unmet": 0.0,
+                                     "note": f"size {s} is not in the bundle: exact", "certificate": None,
+                                     "cells_seconds": None})
             return super().patch_mean(z, t, s, on_weights)
         t = t.to(torch.float64)
         projects = self.projects(s, on_weights)
@@ -423,9 +433,8 @@ class RetrievalPSPC(PSPCSquare):
 
     def projects(self, s: int, on_weights=None) -> bool:
         """Whether size s is certified by projection cells (projection.py) instead of the bundle's index:
-        with a tol, crops of at most MAX_DIM values, on the CPU with numba, and no attribution (on_weights None)."""
-        c = self.data.shape[0]
-        return (self.projection and COMPILED and self.tol is not None and c * s * s <= MAX_DIM and on_weights is None
+        with a tol, crops of s <= MAX_SIZE, on the CPU with numba, and no attribution (on_weights None)."""
+        return (self.projection and COMPILED and self.tol is not None and s <= MAX_SIZE and on_weights is None
                 and self.device.type == "cpu")
 
     def diffuse(self, t: torch.Tensor, s: int, k: int | None = None) -> torch.Tensor:
@@ -474,7 +483,7 @@ class RetrievalPSPC(PSPCSquare):
         full["confidence"] = 1.0 if full["certified"] else 1 - self.delta
         full["tail_unmet"] = float(full["tail_unmet"].sum()) / total
         # projection cells are built on a size's first call (in memory, per process): their seconds
-        full["cells_seconds"] = self._cells[s].seconds if projects and s in self._cells else None
+        full["cells_seconds"] = self._built.pop(s, 0.0) if projects else None
         full["note"] = (f"tail sample: its confidence bound exceeded tol {self.tol:g} at {full['tail_unmet']:.1%} "
                         "of locations, routed to the exact kernel") if full["tail_unmet"] > 0 else None
         return full
@@ -594,6 +603,7 @@ class RetrievalPSPC(PSPCSquare):
         mine = split_range(gh, rank, world)
         if s not in self._cells:
             self._cells[s] = build_cells(self.data, s, rows=mine)
+            self._built[s] = self._cells[s].seconds
         pc = self._cells[s]
         # every (location, query) pair of this process's rows, location-major
         locs = torch.arange(mine.start * gw, mine.stop * gw)

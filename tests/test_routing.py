@@ -394,3 +394,32 @@ def test_cell_radius_rounds_up_from_float32():
     naive = torch.stack([exact[torch.from_numpy(cell == j)].amax(0) for j in range(7)])
     assert (torch.from_numpy(radius) >= naive).all() and ((torch.from_numpy(radius) - naive) / naive).max() < 1e-5
     assert all((lo[j] == u[cell == j].min(0)).all() and (hi[j] == u[cell == j].max(0)).all() for j in range(7))
+
+
+def test_cli_refuses_retrieval_options_that_would_be_ignored(smooth, tmp_path):
+    from click.testing import CliRunner
+
+    from pspc_index.cli import cli
+    store, bundles = smooth
+    run = lambda *a: CliRunner().invoke(cli, [str(v) for v in a])  # noqa: E731
+    exact = ("denoise", "--store", store.path, "--t", 0.3, "--n", 2, "--out", tmp_path / "d.npy")
+    idx = ("--index", bundles["ivf-flat"].path, "--patch-size", 3)
+    for extra in (("--no-skip",), ("--certificate", "index"), ("--tol", 1e-3), ("--k", 10), ("--tail", "sample")):
+        r = run(*exact, *extra)
+        assert r.exit_code == 2 and "give --index BUNDLE" in r.output and len(r.output.strip().splitlines()) == 1
+    for extra in (("--no-skip",), ("--certificate", "projection")):
+        r = run(*exact, *idx, "--tol", "inf", *extra)
+        assert r.exit_code == 2 and "finite --tol" in r.output
+    r = run("attribute", "--store", store.path, "--image", tmp_path / "q.npy", "--t", 0.3, *idx, "--tol", 1e-3,
+            "--certificate", "projection")
+    assert r.exit_code == 2 and "index's cells" in r.output
+    assert not (tmp_path / "d.npy").exists()
+
+
+def test_size_missing_from_the_bundle_is_reported(smooth):
+    store, bundles = smooth
+    data = store.training_set()
+    den = RetrievalPSPC(data, bundles["flat"], patch_size=5, tol=1e-3)
+    z = queries(data, 0.05, b=2)
+    np.testing.assert_allclose(den(z, 0.05).numpy(), PSPCSquare(data, patch_size=5)(z, 0.05).numpy(), atol=1e-6)
+    assert den.history[-1]["fractions"]["exact"] == 1 and "not in the bundle" in den.history[-1]["note"]
