@@ -27,9 +27,10 @@ def test_bench_index_tiny(tmp_path):
         assert 0 <= r["recall_at_k"] <= 1
     assert out["build"]["bytes"] > 0 and set(out["build"]["over_store_per_size"]) == {"3", "5", "7", "9", "13", "21"}
     assert out["sampling"]["samples"] == 2 and len(out["sampling"]["routing"]) > 0
-    # resumed: every t, the build and the sampling come from the state file, unchanged
-    again = run_bench(*args)
+    # resumed: every t, the build and the sampling come from the state file, unchanged; the plot from them
+    again = run_bench(*args, "--plot", tmp_path / "p.png")
     assert again.returncode == 0 and json.loads(again.stdout) == out
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # other settings on the same state: one line, exit 2
     other = run_bench(*args[:-2], "--k", 8)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1

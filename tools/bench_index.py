@@ -18,7 +18,8 @@ per step.
 
 Resumable: with --work DIR the store, the bundle (a killed build resumes) and a state file (every finished
 t, the build, the sampling) live there; a rerun with the same settings skips what is recorded, one with
-other settings is refused. Prints JSON; --markdown writes the per-t table.
+other settings is refused. Prints JSON; --markdown writes the per-t table, --plot a PNG of both paths'
+seconds per call against t.
 """
 from __future__ import annotations
 
@@ -150,6 +151,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Seconds per call of the exact engine and the hybrid against t (log-log), each hybrid point marked by
+    its path (certified by retrieval, or skipped / exact), with the speedup written beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["s"] < 28]  # full-size steps are the optimal denoiser on both paths
+    t = [r["t"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(t, [r["exact_seconds"] for r in rows], "o-", color="0.4", label="exact engine")
+    ax.plot(t, [r["seconds"] for r in rows], "-", color="C0")
+    for r in rows:
+        searched = r["fractions"]["retrieval"] > 0.5
+        ax.plot(r["t"], r["seconds"], "s" if searched else "x", color="C0" if searched else "C3")
+        ax.annotate(f"{r['speedup']:g}x (s={r['s']})", (r["t"], r["seconds"]), textcoords="offset points",
+                    xytext=(4, -10 if searched else 6), fontsize=7)
+    ax.plot([], [], "s", color="C0", label="hybrid: certified by retrieval")
+    ax.plot([], [], "x", color="C3", label="hybrid: predicted diffuse, run exact")
+    ax.set(xscale="log", yscale="log", xlabel="t (EDM sigma)", ylabel="seconds per call",
+           title=f"PSPC-Square, B = {rows[0].get('batch', 64)}: hybrid (tol 1e-3) against exact")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(a) -> dict:
     sched = FASHION_MNIST
     steps = [int(i) for i in a.ts.split(",")] if a.ts else list(range(sched.steps))
@@ -195,6 +223,8 @@ def run(a) -> dict:
     rows = [state["rows"][str(i)] for i in steps]
     if a.markdown:
         Path(a.markdown).write_text(markdown(rows))
+    if a.plot:
+        plot([{**r, "batch": a.batch} for r in rows], a.plot)
     return {"data": f"{data.n_stored} Fashion-MNIST images + flips (N = {len(data)})", **settings,
             "work": str(work), "build": state.get("build"), "rows": rows, "sampling": state.get("sampling")}
 
@@ -220,6 +250,7 @@ def main():
     p.add_argument("--recall-positions", type=int, default=0, help="sampled locations per t for recall@k")
     p.add_argument("--work", default=None, help="directory of the store, bundle and state (resumable)")
     p.add_argument("--markdown", default=None, help="also write the per-t table here")
+    p.add_argument("--plot", default=None, help="also plot seconds per call against t here (PNG)")
     a = p.parse_args()
     try:
         out = run(a)
