@@ -124,17 +124,18 @@ device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), defaul
 
 
 def retrieval_opts(f):
-    """--index BUNDLE --k --tail --m --nprobe --tol --certificate --no-skip --report, passed to the command as one `retrieval` dict
-    (tol None: the command's default; inf: no routing, given as None)."""
+    """--index BUNDLE --k --tail --m --nprobe --tol --certificate --no-skip --report, passed to the command as
+    one `retrieval` dict (tol None: the command's default; inf: no routing, given as None). Without --index
+    any of them given is refused: the exact engine would ignore it."""
     @functools.wraps(f)
     def wrapper(*args, index_path, k, tail, m, nprobe, tol, report, certificate, no_skip, **kwargs):
         if report is not None and index_path is None:
             fail("--report writes the routing report of --index; give --index BUNDLE")
-        given = [name for name, v, default in (("--k", k, 1024), ("--tail", tail, "none"), ("--m", m, 4096),
-                                               ("--nprobe", nprobe, None), ("--tol", tol, None),
-                                               ("--certificate", certificate, None), ("--no-skip", no_skip, False))
-                 if v != default]
-        if given and index_path is None:  # the exact engine would silently ignore them
+        values = {"k": k, "tail": tail, "m": m, "nprobe": nprobe, "tol": tol, "certificate": certificate,
+                  "no_skip": no_skip}
+        given = [p.opts[0] for p in click.get_current_context().command.params
+                 if p.name in values and values[p.name] != p.default]
+        if given and index_path is None:
             fail(f"{', '.join(given)} configure retrieval; give --index BUNDLE")
         if tol is not None and math.isinf(tol) and (certificate is not None or no_skip):
             fail("--certificate and --no-skip apply with a finite --tol (--tol inf routes nothing)")

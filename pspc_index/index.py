@@ -217,6 +217,14 @@ def block_entries(data, win, u: np.ndarray | None = None) -> tuple[np.ndarray, n
     return offsets, np.argsort(entry, kind="stable").astype(np.int32)
 
 
+def distinct_rows(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 rows [n, D] -> (the distinct rows [E, D] in byte order, their counts [E] int64), by sorting the
+    rows' bytes."""
+    u = np.ascontiguousarray(u)
+    rows, counts = np.unique(u.view(np.dtype((np.void, u.shape[1])))[:, 0], return_counts=True)
+    return rows.view(np.uint8).reshape(-1, u.shape[1]), counts
+
+
 def crop_mask(c: int, wh: int, ww: int, s: int) -> torch.Tensor:
     """0/1 float64 [P, C*wh*ww]: the coordinates of each s x s crop location of a window (row-major by
     corner), in the C-major order of a flattened window."""
@@ -318,9 +326,7 @@ def neighbour_stats(data, s: int, samples: int = 32, seed: int = 0) -> list[floa
     dists = []
     for y, x in ((0, 0), ((h - s) // 2, (w - s) // 2), ((h - s) // 2, 0)):
         win = (y, y + s, x, x + s)
-        every = block_windows(data, win)
-        u = torch.from_numpy(np.unique(every.view(np.dtype((np.void, every.shape[1])))[:, 0]).view(np.uint8)
-                             .reshape(-1, every.shape[1])).to(torch.float64)
+        u = torch.from_numpy(distinct_rows(block_windows(data, win))[0]).to(torch.float64)
         q = window_u8(data, picks, win).flatten(1).to(torch.float64)
         d2 = torch.cdist(q / 127.5, u / 127.5) ** 2  # [samples, distinct]: itself at distance 0
         srt = d2.sort(1).values

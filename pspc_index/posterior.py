@@ -838,8 +838,8 @@ def ragged_posterior(q: torch.Tensor, t: torch.Tensor, u8: torch.Tensor, counts:
     q [n, d] float64 queries in [-1, 1]; t [n] float64 (EDM sigma); keys u8 [E, d] uint8 with counts [E]
     (any integer type); query p's keys are the ranges lo[r]..hi[r]-1 for r in ptr[p]..ptr[p+1]-1 (ptr
     [n + 1], lo, hi [R] int64). Returns (mean [n, d] float64, log_z [n] float64 = log sum_j count_j
-    e^(-||z - x_j||^2 / 2t^2),
-    with the row constant, unlike `patch_posterior`'s lse); a query without keys has log_z -inf, mean NaN."""
+    e^(-||z - x_j||^2 / 2t^2), with the row constant, unlike `patch_posterior`'s lse); a query without keys
+    has log_z -inf, mean NaN."""
     n, d = q.shape
     out = np.empty((n, d + 2))
     set_jit_threads()
@@ -855,5 +855,4 @@ def set_jit_threads() -> None:
 
 def ragged_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax states [n, d + 2] (`ragged_terms`) -> (mean [n, d], log_z [n]) float64."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return state[:, 2:] / state[:, 1:2], state[:, 0] + torch.log(state[:, 1])
+    return state[:, 2:] / state[:, 1:2], state[:, 0] + torch.log(state[:, 1])

@@ -9,8 +9,8 @@ z = x + t eps (seeded by the step), the exact engine (PSPCSquare) and the hybrid
 CLI's defaults: k, tol = retrieval.DEFAULT_TOL, tail none; 3x3 crops certified by projection cells, which
 its warm-up builds: cells_build_seconds; --no-projection: the index's cells only) each warmed up on one
 query, then timed on the batch. Per t: the path mix (fractions of crop locations by retrieval, tail, exact,
-skipped search), seconds per call of both, MSE and max abs error of the hybrid against exact, the reported bound per pixel
-(the composite's certified bound, `pixel_bound`) beside the measured error, and the fraction of pixels
+skipped search), seconds per call of both, MSE and max abs error of the hybrid against exact, the reported
+bound per pixel (the composite's certified bound, `pixel_bound`) beside the measured error, and the fraction of pixels
 where bound >= error (also with the kernel's own rounding, 4e-6, added to the bound); optionally
 recall@k of the candidates' members against the exact top-k at sampled locations. Then --samples hybrid
 samples against as many exact-only samples (same initial noise), timed in the same run, with the routing

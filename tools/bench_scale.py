@@ -8,8 +8,8 @@ Three phases, each in its own process so each reports its own peak RSS:
             statistics, with their near-duplicates); written as a store
   build     one index bundle for s (ivf-pq by default: 4-bit fast-scan PQ codes + ids, stride-4 blocks)
   query     --batch forward-process queries at each t: retrieval (top-k; top-k + tail) against the exact
-            path; with --tol, routed and certified (the CLI's default path: projection cells for crops of
-            <= 27 values, built once in the first warm-up), with its bound and routing fractions
+            path; with --tol, routed and certified (the CLI's default path: projection cells for s <= 3,
+            built once in the first warm-up), with its bound and routing fractions
 Prints one JSON object; `--phase all` runs the three in order. Flips are off by default (N = 1,000,000
 virtual images; --xflip doubles N and the exact path's cost).
 """
